@@ -1,0 +1,285 @@
+"""Model registry: a name maps to a small config (architecture, arguments, released weights).
+
+Example:
+    >>> import tokenret
+    >>> tokenret.list_models()[:3]
+    ['delg_r101', 'gem_r101', 'gem_r50']
+    >>> model = tokenret.create_model("token_r101")          # random weights, never touches the network
+    >>> model = tokenret.create_model("token_r101", checkpoint="R101-Token.pth")   # doctest: +SKIP
+    >>> model = tokenret.create_model("token_r101", pretrained=True)               # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tokenret.models.backbone import ResNetTrunk
+from tokenret.models.retrieval import (
+    DELGModel,
+    GeMModel,
+    NetVLADModel,
+    RetrievalModel,
+    RMACModel,
+    SOLARModel,
+    TokenModel,
+)
+
+#: Backbone-level arguments every model accepts as overrides.
+BACKBONE_ARGS = ("backbone", "backbone_weights", "dilation_block5")
+
+GDRIVE_URL = "https://drive.google.com/uc?export=download&id={id}"
+
+
+@dataclass(frozen=True)
+class Weights:
+    """Where released weights come from and what they scored.
+
+    ``paper_map`` holds the mAP the release's README reports for these exact weights:
+    (ROxf Medium, ROxf Hard, RPar Medium, RPar Hard), single-query, 3 scales, 1024 px.
+    """
+
+    url: str
+    filename: str
+    sha256: str | None = None
+    paper_map: tuple[float, float, float, float] | None = None
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    family: type[RetrievalModel]
+    backbone: str
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    weights: Weights | None = None
+    description: str = ""
+    infer_kwargs: Callable[[Mapping[str, torch.Tensor]], dict[str, Any]] | None = None
+
+    @property
+    def descriptor_dim(self) -> int:
+        with torch.device("meta"):
+            return build_model(self).descriptor_dim
+
+
+def _gdrive(file_id: str, filename: str, paper_map: tuple[float, float, float, float]) -> Weights:
+    return Weights(
+        url=GDRIVE_URL.format(id=file_id),
+        filename=filename,
+        paper_map=paper_map,
+        source="MCC-WH/Token release (Google Drive), trained on GLDv2-clean",
+    )
+
+
+def _infer_whiten_dim(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    w = state.get("whiten.weight")
+    return {"dim": int(w.shape[0])} if w is not None and w.ndim == 4 else {}
+
+
+def _infer_vlad(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    c = state.get("vlad.centroids")
+    return {"dim": int(c.shape[1]), "num_clusters": int(c.shape[2])} if c is not None and c.ndim == 3 else {}
+
+
+def _infer_token(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    q = state.get("tr.query")
+    if q is not None and q.ndim == 3:
+        out["num_tokens"], out["dim"] = int(q.shape[1]), int(q.shape[2])
+    p = state.get("tr.proj.0.weight")
+    if p is not None and p.ndim == 2:
+        out["out_dim"] = int(p.shape[0])
+    out["encoder_layers"] = len({k.split(".")[2] for k in state if k.startswith("tr.encoder.")}) or 1
+    out["decoder_layers"] = len({k.split(".")[2] for k in state if k.startswith("tr.decoder.")}) or 2
+    return out
+
+
+_REGISTRY: dict[str, ModelConfig] = {}
+
+
+def register(cfg: ModelConfig) -> ModelConfig:
+    if cfg.name in _REGISTRY:
+        raise ValueError(f"model {cfg.name!r} is registered twice")
+    _REGISTRY[cfg.name] = cfg
+    return cfg
+
+
+register(
+    ModelConfig(
+        "token_r50",
+        TokenModel,
+        "resnet50",
+        weights=_gdrive("111CQpn38d2P82VhbawMrM5wGNMU9AlFq", "R50-Token.pth", (79.79, 62.68, 88.08, 75.49)),
+        description="Token (AAAI 2022), ResNet-50 trunk, L=4 tokens, 1024-d",
+        infer_kwargs=_infer_token,
+    )
+)
+register(
+    ModelConfig(
+        "token_r101",
+        TokenModel,
+        "resnet101",
+        weights=_gdrive("1g_fvpaSyYn9QmzyVnoY7cDlUL7EZWbZz", "R101-Token.pth", (82.16, 65.75, 89.40, 78.44)),
+        description="Token (AAAI 2022), ResNet-101 trunk, L=4 tokens, 1024-d",
+        infer_kwargs=_infer_token,
+    )
+)
+register(
+    ModelConfig(
+        "rmac_r101",
+        RMACModel,
+        "resnet101",
+        weights=_gdrive("12um3mZU2kVNto3MPrZ6FmxFca_tL3Sgi", "R101-RMAC.pth", (75.14, 53.77, 85.28, 71.28)),
+        description="R-MAC + 1x1-conv whitening, the release's GLDv2 baseline, 2048-d",
+        infer_kwargs=_infer_whiten_dim,
+    )
+)
+register(
+    ModelConfig(
+        "solar_r101",
+        SOLARModel,
+        "resnet101",
+        weights=_gdrive("1CJNEeE0NDlsl56jnmsZFmPfH-jx32Syh", "R101-SOLAR.pth", (79.65, 59.99, 88.63, 76.15)),
+        description="SOLAR (second-order attention + GeM), the release's GLDv2 baseline, 2048-d",
+        infer_kwargs=_infer_whiten_dim,
+    )
+)
+register(
+    ModelConfig(
+        "delg_r101",
+        DELGModel,
+        "resnet101",
+        weights=_gdrive("10WExWiY5cc4-hrQQpQ3yUvOV06f3wYaB", "R101-DELG.pth", (78.55, 60.89, 88.58, 76.05)),
+        description="DELG global descriptor (GeM + whitening), the release's GLDv2 baseline, 2048-d",
+        infer_kwargs=_infer_whiten_dim,
+    )
+)
+register(
+    ModelConfig(
+        "netvlad_r101",
+        NetVLADModel,
+        "resnet101",
+        kwargs={"trainable_backbone": False},
+        weights=_gdrive("1zESoQbza0c9hqasK8rGJCWoONMV43ekQ", "R101-NetVLAD.pth", (73.91, 56.45, 86.81, 73.61)),
+        description="NetVLAD head (K=4) on a frozen trunk, the release's GLDv2 baseline, 1024-d",
+        infer_kwargs=_infer_vlad,
+    )
+)
+for _arch in ("r50", "r101"):
+    register(
+        ModelConfig(
+            f"gem_{_arch}",
+            GeMModel,
+            f"resnet{_arch[1:]}",
+            description=f"GeM pooling (learnable p) on ResNet-{_arch[1:]}, 2048-d; pretrained=True loads the "
+            "ImageNet trunk from torchvision",
+        )
+    )
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Registered model names matching a shell-style pattern, sorted."""
+    return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
+
+
+def get_model_config(name: str) -> ModelConfig:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown model {name!r}; available: {', '.join(list_models())}") from None
+
+
+def replace_weights(name: str, weights: Weights | None) -> ModelConfig:
+    """Point a registry entry at other weights (a mirror, a local server); returns the old config."""
+    old = get_model_config(name)
+    _REGISTRY[name] = dataclasses.replace(old, weights=weights)
+    return old
+
+
+def restore_config(cfg: ModelConfig) -> None:
+    _REGISTRY[cfg.name] = cfg
+
+
+def build_model(cfg: ModelConfig, **overrides: Any) -> RetrievalModel:
+    """Instantiate ``cfg`` with overrides (backbone=..., backbone_weights=..., head arguments)."""
+    kwargs = {**cfg.kwargs, **overrides}
+    arch = kwargs.pop("backbone", cfg.backbone)
+    backbone_weights = kwargs.pop("backbone_weights", None)
+    trainable = kwargs.pop("trainable_backbone", True)
+    dilation = kwargs.pop("dilation_block5", False)
+    backbone = ResNetTrunk(arch, imagenet_weights=backbone_weights, dilation_block5=dilation, trainable=trainable)
+    try:
+        model = cfg.family(backbone, **kwargs)
+    except TypeError as e:
+        raise TypeError(f"bad arguments for model {cfg.name!r} ({cfg.family.__name__}): {e}") from None
+    # What rebuilds this architecture; saved inside tokenret checkpoints.
+    model.model_name = cfg.name
+    model.model_kwargs = {k: v for k, v in {**cfg.kwargs, **overrides}.items() if k != "backbone_weights"}
+    model.model_kwargs.setdefault("backbone", arch)
+    return model
+
+
+def create_model(
+    name: str,
+    checkpoint: str | Path | Mapping[str, Any] | None = None,
+    pretrained: bool = False,
+    **overrides: Any,
+) -> RetrievalModel:
+    """Build a registered model, optionally with weights.
+
+    Args:
+        name: a name from :func:`list_models`, e.g. ``"token_r101"``.
+        checkpoint: a file path or an already loaded dict: a released file (plain state dict, or nested under
+            'state_dict' / 'model', with or without 'module.' prefixes) or a checkpoint tokenret saved.
+            Read with ``torch.load(weights_only=True)``. Every weight the descriptor depends on must be there
+            with the right shape; margin-head (``classifier*``) weights are ignored.
+        pretrained: download the released weights once into ``$TOKENRET_HOME/checkpoints`` (default
+            ``~/.cache/tokenret``) and load them. For ``gem_*`` this loads the torchvision ImageNet trunk.
+        **overrides: architecture arguments, e.g. ``backbone="resnet18"``, ``num_tokens=8``,
+            ``backbone_weights="IMAGENET1K_V1"`` (torchvision trunk weights, for training).
+
+    Returns:
+        The model in eval mode.
+
+    Example:
+        >>> model = create_model("token_r50", backbone="resnet18", dim=256, out_dim=128)
+        >>> model(torch.randn(1, 3, 128, 96)).shape
+        torch.Size([1, 128])
+    """
+    from tokenret.models import checkpoints as ck
+
+    cfg = get_model_config(name)
+    if checkpoint is not None and pretrained:
+        raise ValueError("give either checkpoint= or pretrained=True, not both")
+    if pretrained and cfg.weights is None:
+        if cfg.family is GeMModel:
+            overrides.setdefault("backbone_weights", "IMAGENET1K_V1")
+            pretrained = False
+        else:
+            raise ValueError(f"model {name!r} has no released weights; pass checkpoint=PATH")
+    state = None
+    if pretrained:
+        checkpoint = ck.fetch_release_weights(cfg)
+    if checkpoint is not None:
+        loaded = ck.read_checkpoint(checkpoint)
+        state = loaded.state_dict
+        if loaded.model_name and loaded.model_name != name:
+            raise ck.CheckpointError(
+                f"{loaded.source}: this checkpoint was saved by tokenret for model {loaded.model_name!r}, "
+                f"not {name!r}; use create_model({loaded.model_name!r}, checkpoint=...)"
+            )
+        inferred = dict(loaded.model_kwargs) if loaded.model_kwargs else {}
+        if not inferred and cfg.infer_kwargs is not None:
+            inferred = cfg.infer_kwargs(state)
+        overrides = {**inferred, **overrides}
+        overrides.pop("backbone_weights", None)  # the checkpoint provides the trunk
+    model = build_model(cfg, **overrides)
+    if state is not None:
+        ck.load_weights(model, state, name=name, source=ck.describe_source(checkpoint))
+    return model.eval()

@@ -1,0 +1,46 @@
+"""Shared fixtures.
+
+Real benchmark files (revisitop ground truth, the mini-RPar photos) are found through one fixture:
+$TOKENRET_TEST_DATA if set, else ../shared/data relative to the repository. Tests that need them skip,
+with that reason, only where they are absent.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _shared_data_dir() -> Path:
+    env = os.environ.get("TOKENRET_TEST_DATA")
+    return Path(env) if env else REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """Root of the real data (revisitop/, rparis6k_subset/)."""
+    root = _shared_data_dir()
+    if not root.is_dir():
+        pytest.skip(f"real test data not found at {root} (set TOKENRET_TEST_DATA)")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Never read or write the user's real weight caches during tests."""
+    home = tmp_path_factory.mktemp("tokenret_home")
+    monkeypatch.setenv("TOKENRET_HOME", str(home))
+    monkeypatch.setenv("TORCH_HOME", str(home / "torch"))
+    yield
