@@ -64,27 +64,54 @@ def describe_source(checkpoint: Any) -> str:
 
 
 def _is_tensor_dict(obj: Any) -> bool:
-    return isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
+    return (
+        isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
+    )
 
 
 def _torch_load(path: Path) -> Any:
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path} (check the path, or use pretrained=True to download)")
+        raise FileNotFoundError(
+            f"checkpoint not found: {path} (check the path, or use pretrained=True to download)"
+        )
     if path.is_dir():
         raise CheckpointError(f"{path} is a directory, not a checkpoint file")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    # torch.save writes a zip archive; very old files are a bare pickle (first opcode PROTO, 0x80).
+    if not (zipfile.is_zipfile(path) or head[:1] == b"\x80"):
+        kind = _sniff(head)
+        raise CheckpointError(
+            f"{path}: not a PyTorch checkpoint ({kind}). Is it truncated (an interrupted download) or a web "
+            "page saved under a .pth name? Download the file again."
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"{path}: refused to load. The file holds Python objects beyond tensors and plain containers, "
             "so unpickling it could run code; tokenret only reads weights (torch.load weights_only=True). "
-            f"If you trust the file, re-save just its state dict (torch.save(obj['state_dict'], ...)). Detail: {e}"
+            "If you trust the file, re-save just its state dict (torch.save(obj['state_dict'], ...)). "
+            f"Detail: {e}"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         raise CheckpointError(
             f"{path}: not a PyTorch checkpoint (torch.load failed: {type(e).__name__}: {e}). "
             "Is it truncated (an interrupted download) or a web page saved under a .pth name?"
         ) from None
+
+
+def _sniff(head: bytes) -> str:
+    if not head:
+        return "the file is empty"
+    for magic, kind in (
+        (b"\xff\xd8\xff", "a JPEG image"),
+        (b"\x89PNG", "a PNG image"),
+        (b"<", "HTML/XML text"),
+    ):
+        if head.lstrip().startswith(magic):
+            return f"it looks like {kind}"
+    return f"it starts with bytes {head[:8]!r}"
 
 
 def _strip_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -109,13 +136,17 @@ def read_checkpoint(checkpoint: str | Path | Mapping[str, Any]) -> LoadedCheckpo
     meta: dict[str, Any] = {}
     if obj.get("format") == TOKENRET_FORMAT:
         meta = {"model_name": obj.get("model_name"), "model_kwargs": dict(obj.get("model_kwargs") or {})}
-        meta["extra"] = {k: v for k, v in obj.items() if k not in ("model", "format", "model_name", "model_kwargs")}
+        meta["extra"] = {
+            k: v for k, v in obj.items() if k not in ("model", "format", "model_name", "model_kwargs")
+        }
         obj = obj.get("model")
     else:
         for _ in range(3):  # released files: plain, or nested under 'state_dict' / 'model'
             if _is_tensor_dict(obj):
                 break
-            inner = next((obj[k] for k in ("state_dict", "model", "net") if isinstance(obj.get(k), Mapping)), None)
+            inner = next(
+                (obj[k] for k in ("state_dict", "model", "net") if isinstance(obj.get(k), Mapping)), None
+            )
             if inner is None:
                 break
             obj = inner
@@ -169,12 +200,15 @@ def format_report(report: KeyReport) -> str:
         parts.append(f"unexpected keys: {_listing(report.unexpected)}")
     if report.mismatched:
         parts.append(
-            "wrong shapes: " + _listing([f"{k} expected {tuple(e)} found {tuple(f)}" for k, e, f in report.mismatched])
+            "wrong shapes: "
+            + _listing([f"{k} expected {tuple(e)} found {tuple(f)}" for k, e, f in report.mismatched])
         )
     return "; ".join(parts)
 
 
-def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], name: str = "", source: str = "") -> KeyReport:
+def load_weights(
+    model: nn.Module, state: Mapping[str, torch.Tensor], name: str = "", source: str = ""
+) -> KeyReport:
     """Load ``state`` into ``model``, refusing any missing, unexpected or mis-shaped key."""
     report = compare_keys(model, state)
     if not report.ok:
@@ -278,8 +312,8 @@ def download_file(
                     nxt = _confirm_url(page, current)
                     if nxt is None or nxt == current:
                         raise WeightsUnavailableError(
-                            f"{url} answered with a web page instead of the file (Drive quota or a moved file?). "
-                            + by_hand
+                            f"{url} answered with a web page instead of the file "
+                            "(Drive quota or a moved file?). " + by_hand
                         )
                     current = nxt
                     continue
@@ -329,7 +363,8 @@ def fetch_release_weights(cfg: Any, progress: bool = True) -> Path:
         expected = w.sha256 or (record.read_text().strip() if record.exists() else None)
         if expected and sha256sum(dest) != expected:
             raise CheckpointError(
-                f"{dest}: sha256 differs from the one recorded when it was downloaded; delete it to download again"
+                f"{dest}: sha256 differs from the one recorded when it was downloaded; "
+                "delete it to download again"
             )
     return dest
 
@@ -344,7 +379,7 @@ def _check_is_checkpoint(path: Path) -> None:
 
 
 def fetch_torchvision_weights(arch: str, weights_name: str, progress: bool = True) -> dict[str, torch.Tensor]:
-    """ImageNet weights for a torchvision ResNet through torchvision's weights API, cached in torch hub's dir."""
+    """ImageNet weights of a torchvision ResNet via torchvision's weights API, cached in torch hub's dir."""
     import torchvision
 
     try:
@@ -361,5 +396,10 @@ def fetch_torchvision_weights(arch: str, weights_name: str, progress: bool = Tru
 
 
 def _enum_name(arch: str) -> str:
-    return {"resnet18": "ResNet18_Weights", "resnet34": "ResNet34_Weights", "resnet50": "ResNet50_Weights",
-            "resnet101": "ResNet101_Weights", "resnet152": "ResNet152_Weights"}[arch]
+    return {
+        "resnet18": "ResNet18_Weights",
+        "resnet34": "ResNet34_Weights",
+        "resnet50": "ResNet50_Weights",
+        "resnet101": "ResNet101_Weights",
+        "resnet152": "ResNet152_Weights",
+    }[arch]

@@ -127,7 +127,9 @@ class VLADLayer(nn.Module):
     """The release's NetVLAD head: 1x1 conv + BN, one LFSA encoder, K learned centroids, soft assignment
     (softmax over clusters of x . c), residual aggregation, Linear(K*dim -> dim) + BatchNorm1d."""
 
-    def __init__(self, in_channels: int = 2048, dim: int = 1024, num_clusters: int = 4, num_heads: int = 8) -> None:
+    def __init__(
+        self, in_channels: int = 2048, dim: int = 1024, num_clusters: int = 4, num_heads: int = 8
+    ) -> None:
         super().__init__()
         self.dim, self.num_clusters = dim, num_clusters
         self.encoder = Encoder(dim, num_heads, True, drop=0.1, attn_drop=0.1, drop_path=0.1)

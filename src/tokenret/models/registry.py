@@ -166,7 +166,9 @@ register(
         NetVLADModel,
         "resnet101",
         kwargs={"trainable_backbone": False},
-        weights=_gdrive("1zESoQbza0c9hqasK8rGJCWoONMV43ekQ", "R101-NetVLAD.pth", (73.91, 56.45, 86.81, 73.61)),
+        weights=_gdrive(
+            "1zESoQbza0c9hqasK8rGJCWoONMV43ekQ", "R101-NetVLAD.pth", (73.91, 56.45, 86.81, 73.61)
+        ),
         description="NetVLAD head (K=4) on a frozen trunk, the release's GLDv2 baseline, 1024-d",
         infer_kwargs=_infer_vlad,
     )
@@ -213,7 +215,9 @@ def build_model(cfg: ModelConfig, **overrides: Any) -> RetrievalModel:
     backbone_weights = kwargs.pop("backbone_weights", None)
     trainable = kwargs.pop("trainable_backbone", True)
     dilation = kwargs.pop("dilation_block5", False)
-    backbone = ResNetTrunk(arch, imagenet_weights=backbone_weights, dilation_block5=dilation, trainable=trainable)
+    backbone = ResNetTrunk(
+        arch, imagenet_weights=backbone_weights, dilation_block5=dilation, trainable=trainable
+    )
     try:
         model = cfg.family(backbone, **kwargs)
     except TypeError as e:

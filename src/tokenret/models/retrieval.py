@@ -123,7 +123,9 @@ class DELGModel(RetrievalModel):
     kept so that released files load and training can use it; ``forward`` does not run it.
     """
 
-    def __init__(self, backbone: ResNetTrunk, dim: int = 2048, reduction_dim: int = 128, p: float = 3.0) -> None:
+    def __init__(
+        self, backbone: ResNetTrunk, dim: int = 2048, reduction_dim: int = 128, p: float = 3.0
+    ) -> None:
         super().__init__(backbone)
         backbone.return_block4 = False
         self.pooling = GeM(p)

@@ -43,7 +43,12 @@ class Attention(nn.Module):
     """
 
     def __init__(
-        self, dim: int, num_heads: int = 8, qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
     ) -> None:
         super().__init__()
         if dim % num_heads:
@@ -67,7 +72,9 @@ class Attention(nn.Module):
         b, n, _ = x.shape
         return x.reshape(b, n, self.num_heads, -1).transpose(1, 2)
 
-    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None
+    ) -> Tensor:
         """query (B, Nq, D), key/value (B, Nk, D); key_padding_mask (B, Nk) True where a key is padding."""
         q, k, v = self._heads(self.q(query)), self._heads(self.k(key)), self._heads(self.v(value))
         attn_mask = None
