@@ -1,0 +1,391 @@
+"""Descriptor extraction: the engine under evaluation, indexing and every other command.
+
+Images are loaded by DataLoader workers (robust loading, resize, query crop), grouped into batches of
+equal size, run at several scales and combined as the release does: each scale's L2-normalised
+descriptor is summed, divided by the number of scales and L2-normalised again. Resizing for a scale s
+is ``F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)`` on the normalised tensor.
+
+With ``out_dir`` the descriptors are written in shards (``shard_00000.npy`` ...) beside a manifest; an
+interrupted run resumes without recomputing finished shards, and under ``torchrun`` each process takes
+every world_size-th shard, then all processes read the merged result.
+
+Example:
+    >>> model = tokenret.create_model("token_r101", checkpoint="R101-Token.pth")      # doctest: +SKIP
+    >>> result = extract_descriptors(model, ["a.jpg", "b.jpg"], out_dir="cache/db")    # doctest: +SKIP
+    >>> result.descriptors.shape                                                        # doctest: +SKIP
+    (2, 1024)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from tokenret.data.images import ImageLoadError, load_image, to_tensor
+
+log = logging.getLogger(__name__)
+
+#: The release's test scales.
+RELEASE_SCALES = (1.0, 2**0.5, 2**-0.5)
+
+Box = tuple[float, float, float, float]
+
+
+@dataclass
+class ExtractionConfig:
+    """How descriptors are computed. Everything that changes a descriptor is part of its fingerprint.
+
+    Args:
+        max_size: longest image side after loading (never enlarged); queries keep their scale in the image.
+        scales: multi-scale factors applied to the loaded image.
+        batch_size: images of equal size run together (results equal one-by-one in eval mode).
+        num_workers: DataLoader processes that decode images.
+        amp: "off", "bf16" (CPU or GPU) or "fp16" (GPU only) autocast for the forward pass.
+        channels_last: NHWC memory format (1.3-1.9x faster convolutions on CPU and GPU).
+        device: "cpu", "cuda", "cuda:1", ... (default: cuda when available).
+        shard_size: images per shard file when writing to disk.
+    """
+
+    max_size: int | None = 1024
+    scales: tuple[float, ...] = RELEASE_SCALES
+    batch_size: int = 8
+    num_workers: int = 2
+    amp: str = "off"
+    channels_last: bool = True
+    device: str | None = None
+    shard_size: int = 1000
+
+    def __post_init__(self) -> None:
+        self.scales = tuple(float(s) for s in self.scales)
+        if not self.scales or any(s <= 0 for s in self.scales):
+            raise ValueError(f"scales must be positive numbers, got {self.scales}")
+        if self.amp not in ("off", "bf16", "fp16"):
+            raise ValueError(f"amp must be 'off', 'bf16' or 'fp16', got {self.amp!r}")
+
+    def resolved_device(self) -> torch.device:
+        if self.device:
+            return torch.device(self.device)
+        if dist.is_available() and dist.is_initialized() and torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings that change descriptors (not batch size, workers, device, shard size)."""
+        return {"max_size": self.max_size, "scales": [round(s, 6) for s in self.scales], "amp": self.amp}
+
+
+class ExtractionError(RuntimeError):
+    """Some images could not be read; ``failures`` maps image index -> (path, reason)."""
+
+    def __init__(self, failures: dict[int, tuple[str, str]]) -> None:
+        self.failures = failures
+        lines = [f"  {path}: {reason}" for path, reason in list(failures.values())[:20]]
+        more = f"\n  ... and {len(failures) - 20} more" if len(failures) > 20 else ""
+        super().__init__(f"{len(failures)} image(s) could not be read:\n" + "\n".join(lines) + more)
+
+
+@dataclass
+class ExtractionResult:
+    descriptors: np.ndarray  # (n, D) float32; rows of failed images are NaN
+    failures: dict[int, tuple[str, str]] = field(default_factory=dict)
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 over the model's architecture arguments and every weight (identifies cached descriptors)."""
+    h = hashlib.sha256()
+    h.update(
+        json.dumps(
+            [getattr(model, "model_name", type(model).__name__), getattr(model, "model_kwargs", {})],
+            sort_keys=True,
+            default=str,
+        ).encode()
+    )
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def multiscale_descriptor(model: nn.Module, images: torch.Tensor, scales: Sequence[float]) -> torch.Tensor:
+    """(B, 3, H, W) normalised images -> (B, D) L2-normalised mean of per-scale descriptors (float32)."""
+    total = None
+    for s in scales:
+        x = (
+            images
+            if s == 1.0
+            else F.interpolate(images, scale_factor=s, mode="bilinear", align_corners=False)
+        )
+        if images.is_contiguous(memory_format=torch.channels_last):
+            x = x.contiguous(memory_format=torch.channels_last)
+        d = F.normalize(model(x).float(), dim=-1)
+        total = d if total is None else total + d
+    return F.normalize(total / len(scales), dim=-1)
+
+
+class ImageList(Dataset):
+    """Loads (and for queries crops) images; a failure is returned, not raised, so the loop can record it."""
+
+    def __init__(self, paths: Sequence[str | Path], boxes: Sequence[Box | None] | None, max_size: int | None):
+        self.paths = [str(p) for p in paths]
+        self.boxes = list(boxes) if boxes is not None else [None] * len(self.paths)
+        if len(self.boxes) != len(self.paths):
+            raise ValueError(f"{len(self.paths)} paths but {len(self.boxes)} boxes")
+        self.max_size = max_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
+        try:
+            return i, to_tensor(load_image(self.paths[i], self.max_size, self.boxes[i])), None
+        except ImageLoadError as e:
+            return i, None, str(e.reason) if hasattr(e, "reason") else str(e)
+
+
+def _autocast(device: torch.device, amp: str):
+    if amp == "off":
+        return contextlib.nullcontext()
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError("amp='fp16' needs a GPU (fp16 compute is very slow on CPUs); use amp='bf16'")
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def _batches(loader: DataLoader, batch_size: int) -> Iterator[tuple[list[int], torch.Tensor | None, list]]:
+    """Group loaded images of equal size into batches; failures pass through one by one."""
+    buckets: dict[tuple[int, ...], list[tuple[int, torch.Tensor]]] = {}
+    for i, tensor, error in loader:
+        if tensor is None:
+            yield [i], None, [error]
+            continue
+        bucket = buckets.setdefault(tuple(tensor.shape), [])
+        bucket.append((i, tensor))
+        if len(bucket) >= batch_size:
+            del buckets[tuple(tensor.shape)]
+            yield [j for j, _ in bucket], torch.stack([t for _, t in bucket]), []
+    for bucket in buckets.values():
+        yield [j for j, _ in bucket], torch.stack([t for _, t in bucket]), []
+
+
+def _collate_one(item):
+    return item
+
+
+def _dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@torch.inference_mode()
+def _extract_range(
+    model: nn.Module,
+    dataset: ImageList,
+    indices: Sequence[int],
+    config: ExtractionConfig,
+    device: torch.device,
+    dim: int,
+    bar: tqdm,
+) -> tuple[np.ndarray, dict[int, tuple[str, str]]]:
+    out = np.full((len(indices), dim), np.nan, dtype=np.float32)
+    failures: dict[int, tuple[str, str]] = {}
+    where = {idx: row for row, idx in enumerate(indices)}
+    subset = torch.utils.data.Subset(dataset, list(indices))
+    loader = DataLoader(
+        subset,
+        batch_size=None,
+        num_workers=config.num_workers if len(indices) > 1 else 0,
+        collate_fn=_collate_one,
+        pin_memory=device.type == "cuda",
+    )
+    fmt = torch.channels_last if config.channels_last else torch.contiguous_format
+    for idxs, batch, errors in _batches(loader, config.batch_size):
+        if batch is None:
+            failures[idxs[0]] = (dataset.paths[idxs[0]], errors[0])
+        else:
+            x = batch.to(device, non_blocking=True).contiguous(memory_format=fmt)
+            with _autocast(device, config.amp):
+                d = multiscale_descriptor(model, x, config.scales)
+            out[[where[i] for i in idxs]] = d.cpu().numpy()
+        bar.update(len(idxs))
+    return out, failures
+
+
+def extract_descriptors(
+    model: nn.Module,
+    paths: Sequence[str | Path],
+    boxes: Sequence[Box | None] | None = None,
+    config: ExtractionConfig | None = None,
+    out_dir: str | Path | None = None,
+    on_error: str = "raise",
+    progress: bool = True,
+    desc: str = "extract",
+) -> ExtractionResult:
+    """Multi-scale global descriptors of images, optionally sharded on disk and resumable.
+
+    Args:
+        model: a retrieval model mapping (B, 3, H, W) to L2-normalised (B, D).
+        paths: image files.
+        boxes: per image None or a query box (x1, y1, x2, y2) to crop before resizing.
+        config: extraction settings (scales, max_size, AMP, ...).
+        out_dir: shard directory; finished shards are reused when the manifest matches.
+        on_error: "raise" (after every readable image is done, raise ExtractionError listing the unreadable
+            ones) or "record" (return them in ``failures``, their rows NaN).
+        progress: show a progress bar (rank 0 only under torchrun).
+
+    Returns:
+        ExtractionResult with descriptors (n, D) float32 and the failures.
+    """
+    config = config or ExtractionConfig()
+    if on_error not in ("raise", "record"):
+        raise ValueError("on_error must be 'raise' or 'record'")
+    device = config.resolved_device()
+    model = model.eval().to(device)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    dim = int(model.descriptor_dim)
+    dataset = ImageList(paths, boxes, config.max_size)
+    n = len(dataset)
+    rank, world = _dist_info()
+    if out_dir is None:
+        if world > 1:
+            raise ValueError(
+                "distributed extraction needs out_dir (shards are merged through the file system)"
+            )
+        with tqdm(total=n, desc=desc, unit="img", disable=not progress) as bar:
+            desc_arr, failures = _extract_range(model, dataset, range(n), config, device, dim, bar)
+        return _finish(ExtractionResult(desc_arr, failures), on_error)
+
+    store = ShardStore(Path(out_dir), n, config.shard_size)
+    manifest = {
+        "n": n,
+        "dim": dim,
+        "shard_size": config.shard_size,
+        "extraction": config.fingerprint(),
+        "model": model_fingerprint(model),
+        "images": _list_fingerprint(dataset),
+    }
+    if rank == 0:
+        store.open(manifest)
+    if world > 1:
+        dist.barrier()
+        store.check_manifest(manifest)
+    mine = [s for s in range(store.n_shards) if s % world == rank]
+    todo = [s for s in mine if not store.is_done(s)]
+    done_images = sum(len(store.shard_range(s)) for s in mine if s not in todo)
+    total = sum(len(store.shard_range(s)) for s in mine)
+    with tqdm(
+        total=total, initial=done_images, desc=desc, unit="img", disable=not progress or rank != 0
+    ) as bar:
+        for s in todo:
+            arr, failures = _extract_range(model, dataset, store.shard_range(s), config, device, dim, bar)
+            store.write(s, arr, failures)
+    if world > 1:
+        dist.barrier()
+    return _finish(store.read_all(dim), on_error)
+
+
+def _finish(result: ExtractionResult, on_error: str) -> ExtractionResult:
+    if result.failures and on_error == "raise":
+        raise ExtractionError(result.failures)
+    return result
+
+
+def _list_fingerprint(dataset: ImageList) -> str:
+    h = hashlib.sha256()
+    for p, b in zip(dataset.paths, dataset.boxes, strict=True):
+        h.update(f"{p}\t{b}\n".encode())
+    return h.hexdigest()
+
+
+class ShardStore:
+    """Descriptor shards in a directory: ``manifest.json``, ``shard_XXXXX.npy`` and its failures JSON.
+
+    A shard exists only once completely written (temporary file, then rename), so an interruption loses at
+    most the shard in progress.
+    """
+
+    def __init__(self, root: Path, n: int, shard_size: int) -> None:
+        self.root, self.n, self.shard_size = root, n, max(1, int(shard_size))
+        self.n_shards = max(1, math.ceil(n / self.shard_size)) if n else 0
+
+    def shard_range(self, s: int) -> range:
+        return range(s * self.shard_size, min(self.n, (s + 1) * self.shard_size))
+
+    def _npy(self, s: int) -> Path:
+        return self.root / f"shard_{s:05d}.npy"
+
+    def _failures(self, s: int) -> Path:
+        return self.root / f"shard_{s:05d}.failures.json"
+
+    def open(self, manifest: dict[str, Any]) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / "manifest.json"
+        if path.exists():
+            old = json.loads(path.read_text())
+            if old != manifest:
+                changed = sorted(k for k in manifest if old.get(k) != manifest[k])
+                log.warning("%s holds descriptors made differently (%s); starting afresh", self.root, changed)
+                for f in self.root.glob("shard_*"):
+                    f.unlink()
+        _atomic_write_text(path, json.dumps(manifest, indent=1))
+
+    def check_manifest(self, manifest: dict[str, Any]) -> None:
+        on_disk = json.loads((self.root / "manifest.json").read_text())
+        if on_disk != manifest:
+            raise RuntimeError(f"{self.root}: processes disagree on what to extract (different image lists?)")
+
+    def is_done(self, s: int) -> bool:
+        return self._npy(s).exists()
+
+    def write(self, s: int, arr: np.ndarray, failures: dict[int, tuple[str, str]]) -> None:
+        _atomic_write_text(self._failures(s), json.dumps({str(k): list(v) for k, v in failures.items()}))
+        tmp = self._npy(s).with_suffix(".tmp.npy")
+        np.save(tmp, arr)
+        os.replace(tmp, self._npy(s))
+
+    def read_all(self, dim: int) -> ExtractionResult:
+        out = np.empty((self.n, dim), dtype=np.float32)
+        failures: dict[int, tuple[str, str]] = {}
+        for s in range(self.n_shards):
+            r = self.shard_range(s)
+            out[r.start : r.stop] = np.load(self._npy(s))
+            if self._failures(s).exists():
+                for k, v in json.loads(self._failures(s).read_text()).items():
+                    failures[int(k)] = (v[0], v[1])
+        return ExtractionResult(out, failures)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+__all__ = [
+    "ExtractionConfig",
+    "ExtractionError",
+    "ExtractionResult",
+    "ImageList",
+    "RELEASE_SCALES",
+    "ShardStore",
+    "asdict",
+    "extract_descriptors",
+    "model_fingerprint",
+    "multiscale_descriptor",
+]

@@ -1,0 +1,166 @@
+"""The extraction engine: multi-scale combination, batching, shards, resume, failures, torchrun."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import tokenret
+from tokenret import extract as ex
+from tokenret.data.images import load_image, to_tensor
+
+TINY = {"backbone": "resnet18", "dim": 32, "num_heads": 4, "out_dim": 16}
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    model = tokenret.create_model("token_r50", **TINY)
+    for m in model.modules():  # non-zero attention outputs, as in trained weights
+        if isinstance(m, tokenret.models.token.Attention):
+            torch.nn.init.normal_(m.proj.weight, std=0.05)
+    return model.eval()
+
+
+def make_images(folder, sizes, seed=0):
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, (w, h) in enumerate(sizes):
+        p = folder / f"img_{i:03d}.jpg"
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(p, quality=90)
+        paths.append(p)
+    return paths
+
+
+def release_loop(model, paths, boxes, max_size, scales):
+    """One image at a time, per-scale interpolation, mean of normalised outputs: the release's loop."""
+    out = []
+    with torch.no_grad():
+        for p, b in zip(paths, boxes, strict=True):
+            x = to_tensor(load_image(p, max_size, b))[None]
+            v = torch.zeros(model.descriptor_dim)
+            for s in scales:
+                xs = x if s == 1 else F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)
+                v += model(xs)[0]
+            out.append(F.normalize(v / len(scales), dim=0).numpy())
+    return np.stack(out)
+
+
+SIZES = [(96, 72), (72, 96), (96, 72), (80, 80), (96, 72), (100, 64), (72, 96)]
+
+
+def test_batched_multiscale_extraction_equals_the_release_loop(tmp_path):
+    model = tiny_model()
+    paths = make_images(tmp_path / "imgs", SIZES)
+    boxes = [None] * len(paths)
+    boxes[2] = (10.4, 5.5, 70.6, 60.2)
+    cfg = ex.ExtractionConfig(max_size=90, batch_size=3, num_workers=0)
+    ours = ex.extract_descriptors(model, paths, boxes, cfg, progress=False).descriptors
+    ref = release_loop(model, paths, boxes, 90, ex.RELEASE_SCALES)
+    np.testing.assert_allclose(ours, ref, atol=2e-5)
+    np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
+    # single scale, no channels_last, workers: same numbers
+    cfg1 = ex.ExtractionConfig(max_size=90, scales=(1.0,), batch_size=4, num_workers=2, channels_last=False)
+    ours1 = ex.extract_descriptors(model, paths, None, cfg1, progress=False).descriptors
+    np.testing.assert_allclose(ours1, release_loop(model, paths, [None] * 7, 90, (1.0,)), atol=2e-5)
+
+
+def test_bf16_autocast_stays_close_to_float32(tmp_path):
+    model = tiny_model()
+    paths = make_images(tmp_path / "imgs", SIZES[:3])
+    cfg = ex.ExtractionConfig(max_size=90, num_workers=0)
+    f32 = ex.extract_descriptors(model, paths, config=cfg, progress=False)
+    bf16 = ex.extract_descriptors(
+        model, paths, config=ex.ExtractionConfig(max_size=90, num_workers=0, amp="bf16"), progress=False
+    )
+    cos = (f32.descriptors * bf16.descriptors).sum(1)
+    assert cos.min() > 0.98
+    with pytest.raises(ValueError, match="fp16 compute is very slow"):
+        cfg16 = ex.ExtractionConfig(amp="fp16", device="cpu")
+        ex.extract_descriptors(model, paths, config=cfg16, progress=False)
+
+
+def test_unreadable_images_are_reported_never_dropped(tmp_path):
+    model = tiny_model()
+    paths = make_images(tmp_path / "imgs", SIZES[:4])
+    bad = tmp_path / "imgs" / "broken.jpg"
+    bad.write_bytes(paths[0].read_bytes()[:200])
+    text = tmp_path / "imgs" / "notes.jpg"
+    text.write_text("not an image")
+    all_paths = [paths[0], bad, paths[1], text, paths[2]]
+    cfg = ex.ExtractionConfig(max_size=90, num_workers=0)
+    with pytest.raises(ex.ExtractionError) as e:
+        ex.extract_descriptors(model, all_paths, config=cfg, progress=False)
+    assert set(e.value.failures) == {1, 3} and str(bad) in str(e.value) and str(text) in str(e.value)
+    res = ex.extract_descriptors(model, all_paths, config=cfg, on_error="record", progress=False)
+    assert np.isnan(res.descriptors[[1, 3]]).all() and np.isfinite(res.descriptors[[0, 2, 4]]).all()
+
+
+def test_interrupted_sharded_run_resumes_without_recomputing(tmp_path, monkeypatch):
+    model = tiny_model()
+    paths = make_images(tmp_path / "imgs", SIZES)
+    cfg = ex.ExtractionConfig(max_size=90, num_workers=0, shard_size=2)
+    full = ex.extract_descriptors(model, paths, config=cfg, progress=False).descriptors
+
+    calls = []
+    real = ex._extract_range
+    interrupted = []
+
+    def flaky(*args, **kwargs):
+        calls.append(list(args[2]))
+        if len(calls) == 3 and not interrupted:
+            interrupted.append(True)
+            raise KeyboardInterrupt  # the user presses Ctrl-C during the third shard
+        return real(*args, **kwargs)
+
+    out = tmp_path / "shards"
+    monkeypatch.setattr(ex, "_extract_range", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        ex.extract_descriptors(model, paths, config=cfg, out_dir=out, progress=False)
+    assert sorted(p.name for p in out.glob("shard_*.npy")) == ["shard_00000.npy", "shard_00001.npy"]
+    calls.clear()
+    resumed = ex.extract_descriptors(model, paths, config=cfg, out_dir=out, progress=False).descriptors
+    assert calls == [[4, 5], [6]]  # only the unfinished shards ran
+    np.testing.assert_allclose(resumed, full, atol=2e-5)  # batches differ between shardings
+    # Different settings: the cache is not reused.
+    calls.clear()
+    cfg2 = ex.ExtractionConfig(max_size=90, num_workers=0, shard_size=2, scales=(1.0,))
+    ex.extract_descriptors(model, paths, config=cfg2, out_dir=out, progress=False)
+    assert len(calls) == 4
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, paths, out_dir, result_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        cfg = ex.ExtractionConfig(max_size=90, num_workers=0, shard_size=2, device="cpu")
+        res = ex.extract_descriptors(tiny_model(), paths, config=cfg, out_dir=out_dir, progress=False)
+        np.save(os.path.join(result_dir, f"rank{rank}.npy"), res.descriptors)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_processes_share_the_shards_and_agree(tmp_path):
+    paths = [str(p) for p in make_images(tmp_path / "imgs", SIZES)]
+    out, results = tmp_path / "shards", tmp_path / "results"
+    results.mkdir()
+    torch.multiprocessing.spawn(_worker, args=(2, _free_port(), paths, str(out), str(results)), nprocs=2)
+    single = ex.extract_descriptors(
+        tiny_model(), paths, config=ex.ExtractionConfig(max_size=90, num_workers=0), progress=False
+    ).descriptors
+    for r in (0, 1):
+        np.testing.assert_allclose(np.load(results / f"rank{r}.npy"), single, atol=1e-5)
+    assert len(list(out.glob("shard_*.npy"))) == 4
