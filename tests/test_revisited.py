@@ -110,7 +110,7 @@ def test_from_root_layout_and_paths(tmp_path, revisitop_dir):
 def test_from_root_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"gnd_rparis6k\.pkl.*cmp\.felk\.cvut\.cz"):
         RevisitedDataset.from_root(tmp_path, "rparis6k")
-    with pytest.raises(ValueError, match="unknown dataset"):
+    with pytest.raises(FileNotFoundError, match="dataset 'oxford105k' not found"):
         RevisitedDataset.from_root(tmp_path, "oxford105k")
 
 

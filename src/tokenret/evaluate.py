@@ -283,3 +283,87 @@ def ranks_topk(db: np.ndarray, queries: np.ndarray, k: int, chunk_size: int = 65
         best_scores = np.take_along_axis(cand_scores, order, axis=0)
         best_idx = np.take_along_axis(cand_idx, order, axis=0)
     return best_idx
+
+
+# ------------------------------------------------------------------------------------------------ driver
+
+
+def _merge_chunks(parts: Sequence[dict[str, dict[str, Any]]], ks: Sequence[int]) -> dict[str, dict[str, Any]]:
+    """Combine per-query results computed on query chunks into one result per protocol."""
+    merged: dict[str, dict[str, Any]] = {}
+    for proto in PROTOCOLS:
+        ap = np.concatenate([p[proto]["ap"] for p in parts])
+        p_at_k = np.concatenate([p[proto]["p_at_k"] for p in parts])
+        used = ~np.isnan(ap)
+        mean_p = p_at_k[used].mean(axis=0) if used.any() else np.full(len(ks), np.nan)
+        merged[proto] = {
+            "map": float(ap[used].mean()) if used.any() else float("nan"),
+            "mp_at_k": {int(k): float(v) for k, v in zip(ks, mean_p, strict=True)},
+            "ap": ap,
+            "p_at_k": p_at_k,
+            "n_queries": int(used.sum()),
+        }
+    return merged
+
+
+def evaluate_descriptors(
+    database: np.ndarray,
+    queries: np.ndarray,
+    gnd: Sequence[Mapping[str, Any]],
+    ks: Sequence[int] = (1, 5, 10),
+    qe: tuple[int, float] | None = None,
+    dba: tuple[int, float] | None = None,
+    keep_top: int = 100,
+    query_chunk: int | None = None,
+) -> tuple[dict[str, dict[str, Any]], np.ndarray]:
+    """Rank the database for each query by dot product and score the ranking.
+
+    Args:
+        database: (n_db, d) L2-normalised descriptors; rows past ``len(imlist)`` are distractors (R1M).
+        queries: (n_queries, d) L2-normalised descriptors.
+        gnd: the per-query ground truth.
+        qe: (k, alpha) for alpha query expansion, or None.
+        dba: (k, alpha) for database-side augmentation, or None (applied before QE).
+        keep_top: rows of the ranking returned (for reports and pictures).
+        query_chunk: queries ranked at a time; bounds memory at n_db x chunk (default: all when the
+            database is small, else chunks of 8, about 64 MB per million database images).
+
+    Returns:
+        (results per protocol as from :func:`compute_revisited_map`, top ``keep_top`` ranks (keep, n_q)).
+    """
+    from tokenret.rerank import alpha_query_expansion, database_side_augmentation
+
+    database = np.asarray(database, dtype=np.float32)
+    queries = np.asarray(queries, dtype=np.float32)
+    if np.isnan(database).any() or np.isnan(queries).any():
+        raise ValueError("descriptors contain NaN (unreadable images?): refusing to score an incomplete set")
+    if dba is not None:
+        database = database_side_augmentation(database, int(dba[0]), float(dba[1])).astype(np.float32)
+    if qe is not None:
+        queries = alpha_query_expansion(queries, database, int(qe[0]), float(qe[1])).astype(np.float32)
+    n_db, nq = database.shape[0], queries.shape[0]
+    chunk = query_chunk or (nq if n_db * nq <= 50_000_000 else 8)
+    parts, tops = [], []
+    for start in range(0, nq, chunk):
+        stop = min(nq, start + chunk)
+        ranks = ranks_from_scores(database @ queries[start:stop].T)
+        parts.append(compute_revisited_map(ranks, gnd[start:stop], ks))
+        tops.append(ranks[:keep_top])
+    return _merge_chunks(parts, _check_ks(ks)), np.concatenate(tops, axis=1)
+
+
+def results_to_json(results: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """JSON-ready copy of results: mAP and mP@k x100 rounded to 2 decimals, per-query AP as lists."""
+
+    def clean(v: float) -> float | None:
+        return None if np.isnan(v) else round(100.0 * float(v), 2)
+
+    return {
+        proto: {
+            "map": clean(r["map"]),
+            "mp_at_k": {str(k): clean(v) for k, v in r["mp_at_k"].items()},
+            "n_queries": int(r["n_queries"]),
+            "ap": [clean(v) for v in np.asarray(r["ap"])],
+        }
+        for proto, r in results.items()
+    }

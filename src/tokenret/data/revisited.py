@@ -159,15 +159,25 @@ class RevisitedDataset:
 
     @classmethod
     def from_root(cls, root: str | Path, name: str) -> RevisitedDataset:
-        """Load ``<root>/<name>/gnd_<name>.pkl``; images are expected in ``<root>/<name>/jpg/``."""
-        if name not in DATASET_NAMES:
-            raise ValueError(f"unknown dataset {name!r}; expected one of {DATASET_NAMES}")
+        """Load ``<root>/<name>/gnd_<name>.pkl`` (or ``.json``); images are in ``<root>/<name>/jpg/``.
+
+        roxford5k and rparis6k are the benchmarks; any other folder in the same layout works too (e.g. the
+        mini-RPar ``rparis6k_subset`` with its ``gnd_rparis6k_subset.json``).
+        """
         folder = Path(root) / name
         gnd_path = folder / f"gnd_{name}.pkl"
+        json_path = folder / f"gnd_{name}.json"
+        if not gnd_path.is_file() and json_path.is_file():
+            return cls.from_json(json_path, folder / "jpg", name)
         if not gnd_path.is_file():
+            if name in DATASET_NAMES:
+                raise FileNotFoundError(
+                    f"ground truth of {name} not found: {gnd_path}. Download {_GND_URL.format(name=name)} "
+                    f"into {folder}/ (images go to {folder / 'jpg'}/, from {_IMAGE_ARCHIVES[name]})."
+                )
             raise FileNotFoundError(
-                f"ground truth of {name} not found: {gnd_path}. Download {_GND_URL.format(name=name)} "
-                f"into {folder}/ (images go to {folder / 'jpg'}/, from {_IMAGE_ARCHIVES[name]})."
+                f"dataset {name!r} not found: neither {gnd_path} nor {json_path} exists "
+                f"(known benchmarks: {', '.join(DATASET_NAMES)})"
             )
         imlist, qimlist, gnd = _validate_ground_truth(load_ground_truth_pickle(gnd_path), gnd_path)
         return cls(name=name, imlist=imlist, qimlist=qimlist, gnd=gnd, images_dir=folder / "jpg")
