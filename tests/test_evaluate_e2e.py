@@ -129,3 +129,45 @@ def test_nan_descriptors_are_refused():
     db[1] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         evaluate_descriptors(db, np.eye(3, dtype=np.float32)[:1], [{"easy": [0], "hard": [], "junk": []}])
+
+
+def test_show_results_frames_by_label(shared_data, tmp_path):
+    ds = RevisitedDataset.from_root(shared_data, "rparis6k_subset")
+    g = ds.gnd[2]  # eiffel_000266: easy, hard and junk images
+    negative = next(i for i in range(len(ds.imlist)) if i not in g["easy"] + g["hard"] + g["junk"])
+    order = [g["easy"][0], g["junk"][0], negative, g["hard"][0]]
+    report = {"datasets": {"rparis6k_subset": {"top_ranks": [order] * len(ds.qimlist)}}}
+    (tmp_path / "r.json").write_text(json.dumps(report))
+    out = tmp_path / "grid.png"
+    argv = ["show-results", "--report", str(tmp_path / "r.json"), "--data-root", str(shared_data)]
+    assert (
+        main([*argv, "--dataset", "rparis6k_subset", "--queries", "2", "--top", "4", "--out", str(out)]) == 0
+    )
+    from PIL import Image
+
+    img = Image.open(out).convert("RGB")
+    assert img.size == (5 * 160, 160)
+    frames = [img.getpixel((c * 160 + 2, 80)) for c in range(5)]
+    from tokenret.viz import BLUE, GREEN, GREY, RED
+
+    assert frames == [BLUE, GREEN, GREY, RED, GREEN]
+    # Under the Easy protocol the hard image is junk.
+    assert (
+        main(
+            [
+                *argv,
+                "--dataset",
+                "rparis6k_subset",
+                "--queries",
+                "2",
+                "--top",
+                "4",
+                "--out",
+                str(out),
+                "--protocol",
+                "easy",
+            ]
+        )
+        == 0
+    )
+    assert Image.open(out).convert("RGB").getpixel((4 * 160 + 2, 80)) == GREY

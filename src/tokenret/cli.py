@@ -121,6 +121,26 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_show_results(args: argparse.Namespace) -> int:
+    from tokenret.data.revisited import RevisitedDataset
+    from tokenret.viz import result_grid
+
+    report = json.loads(Path(args.report).read_text())
+    entry = report["datasets"].get(args.dataset) or report["datasets"].get(args.dataset + "+R1M")
+    if entry is None:
+        raise ValueError(f"{args.report} has no results for {args.dataset!r}: {sorted(report['datasets'])}")
+    ds = RevisitedDataset.from_root(args.data_root, args.dataset)
+    queries = args.queries if args.queries else list(range(min(5, len(ds.qimlist))))
+    bad = [q for q in queries if not 0 <= q < len(ds.qimlist)]
+    if bad:
+        raise ValueError(f"query indices {bad} out of range 0..{len(ds.qimlist) - 1}")
+    grid = result_grid(ds, queries, entry["top_ranks"], args.protocol, args.top)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    grid.save(args.out)
+    print(f">> wrote {args.out} ({len(queries)} queries x top {args.top}, {args.protocol} labels)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenret", description="Token-based image retrieval.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
@@ -149,6 +169,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="tokenret-evaluate.json", help="JSON report path")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("show-results", help="PNG of the top-k per query from an evaluate report")
+    p.add_argument("--report", required=True, help="JSON written by `tokenret evaluate`")
+    p.add_argument("--data-root", required=True)
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--queries", type=int, nargs="*", help="query indices (default: the first 5)")
+    p.add_argument("--top", type=int, default=10)
+    p.add_argument("--protocol", choices=["easy", "medium", "hard"], default="medium")
+    p.add_argument("--out", default="results.png")
+    p.set_defaults(func=_cmd_show_results)
     return parser
 
 
