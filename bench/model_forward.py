@@ -50,16 +50,22 @@ def swap_attention(model: nn.Module, naive: bool) -> None:
                 setattr(module, name, child.fast)
 
 
-def run(model, x, naive_attn: bool, channels_last: bool, inference_mode: bool) -> tuple[float, torch.Tensor]:
+def run(
+    model, x, naive_attn: bool, channels_last: bool, inference_mode: bool, bf16: bool = False
+) -> tuple[float, torch.Tensor]:
     swap_attention(model, naive_attn)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model.to(memory_format=fmt)
     x = x.contiguous(memory_format=fmt)
     ctx = torch.inference_mode() if inference_mode else torch.no_grad()
-    with ctx:
+    amp = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16)
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    with ctx, amp:
+        sync()
         t = time.perf_counter()
         out = model(x)
-        return time.perf_counter() - t, out.clone()
+        sync()
+        return time.perf_counter() - t, out.float().clone()
 
 
 VARIANTS = {
@@ -67,6 +73,7 @@ VARIANTS = {
     "+ SDPA attention": (False, False, False),
     "+ channels_last": (False, True, False),
     "tokenret (SDPA, channels_last, inference_mode)": (False, True, True),
+    "tokenret + bf16 autocast (other numerics)": (False, True, True, True),
 }
 
 
@@ -76,14 +83,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--size", type=int, nargs=2, default=(1024, 768), metavar=("H", "W"))
     ap.add_argument("--json", default=None)
+    ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = tokenret.create_model("token_r101").eval()
+    model = tokenret.create_model("token_r101").eval().to(args.device)
     for m in model.modules():  # released weights have non-zero attention outputs; fresh ones are exactly 0
         if isinstance(m, Attention):
             nn.init.normal_(m.proj.weight, std=0.02)
-    x = torch.randn(1, 3, *args.size)
+    x = torch.randn(1, 3, *args.size, device=args.device)
     times: dict[str, list[float]] = {k: [] for k in VARIANTS}
     outputs = {}
     for flags in VARIANTS.values():  # warm-up (allocator, oneDNN primitive caches)
@@ -95,7 +103,8 @@ def main() -> None:
             outputs[name] = out
     ref_name = next(iter(VARIANTS))
     ref = statistics.median(times[ref_name])
-    print(f"token_r101, 1x3x{args.size[0]}x{args.size[1]}, {args.threads} threads, median of {args.repeats}")
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {args.threads} threads"
+    print(f"token_r101, 1x3x{args.size[0]}x{args.size[1]}, {where}, median of {args.repeats}")
     rows = []
     for name in VARIANTS:
         med = statistics.median(times[name])

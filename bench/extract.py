@@ -1,0 +1,131 @@
+"""Images per second of 3-scale descriptor extraction with token_r101: tokenret vs a release-style loop.
+
+The release-style loop (written here, like the release's test code): batch size 1, one image at a time,
+each scale resized with F.interpolate and run separately, default (NCHW) memory format, torch.no_grad.
+tokenret: ``extract_descriptors`` (channels_last, inference_mode, DataLoader workers, equal-size batching,
+optional bf16 autocast). Both run the same model and images in one process; the images are synthetic
+1024x768 / 768x1024 JPEGs written to a temporary folder (content does not change the speed).
+
+    python bench/extract.py [--n 6] [--threads 2] [--device cpu|cuda] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import tokenret
+from tokenret.data.images import load_image, to_tensor
+from tokenret.extract import RELEASE_SCALES, ExtractionConfig, extract_descriptors
+
+
+def release_style(model, paths, device) -> np.ndarray:
+    out = []
+    model = model.to(device).to(memory_format=torch.contiguous_format)
+    with torch.no_grad():
+        for p in paths:
+            x = to_tensor(load_image(p, 1024))[None].to(device)
+            v = torch.zeros(model.descriptor_dim, device=device)
+            for s in RELEASE_SCALES:
+                xs = x if s == 1 else F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)
+                v += model(xs)[0]
+            out.append(F.normalize(v / 3, dim=0).cpu().numpy())
+    return np.stack(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=6, help="images (2/3 landscape, 1/3 portrait)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = tokenret.create_model("token_r101").eval()
+    dev = torch.device(args.device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        for i in range(args.n):
+            h, w = (768, 1024) if i % 3 else (1024, 768)
+            p = Path(tmp) / f"{i}.jpg"
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(p, quality=85)
+            paths.append(p)
+        runs = {
+            "release-style loop (bs 1, NCHW, no_grad)": lambda: release_style(model, paths, dev),
+            "tokenret fp32": lambda: (
+                extract_descriptors(
+                    model,
+                    paths,
+                    config=ExtractionConfig(
+                        batch_size=args.batch_size, num_workers=args.workers, device=args.device
+                    ),
+                    progress=False,
+                ).descriptors
+            ),
+            "tokenret bf16 autocast": lambda: (
+                extract_descriptors(
+                    model,
+                    paths,
+                    config=ExtractionConfig(
+                        batch_size=args.batch_size, num_workers=args.workers, device=args.device, amp="bf16"
+                    ),
+                    progress=False,
+                ).descriptors
+            ),
+        }
+        if dev.type == "cuda":
+            runs["tokenret fp16 autocast"] = lambda: (
+                extract_descriptors(
+                    model,
+                    paths,
+                    config=ExtractionConfig(
+                        batch_size=args.batch_size, num_workers=args.workers, device=args.device, amp="fp16"
+                    ),
+                    progress=False,
+                ).descriptors
+            )
+        # warm-up on one image each (allocator, cuDNN/oneDNN algorithm choice)
+        release_style(model, paths[:1], dev)
+        extract_descriptors(
+            model, paths[:1], config=ExtractionConfig(device=args.device, num_workers=0), progress=False
+        )
+        rows, outs = [], {}
+        for name, fn in runs.items():
+            sync()
+            t = time.perf_counter()
+            outs[name] = fn()
+            sync()
+            dt = time.perf_counter() - t
+            rows.append({"variant": name, "seconds": dt, "images_per_s": args.n / dt})
+        ref = next(iter(outs.values()))
+        base = rows[0]["images_per_s"]
+        print(
+            f"token_r101, 3 scales, max_size 1024, {args.n} images, device {args.device}, "
+            f"{args.threads} threads" + (f" ({torch.cuda.get_device_name()})" if dev.type == "cuda" else "")
+        )
+        for r, (name, out) in zip(rows, outs.items(), strict=True):
+            r["speedup"] = r["images_per_s"] / base
+            r["min_cosine_vs_release"] = float((out * ref).sum(1).min())
+            print(
+                f"  {name:<42s} {r['images_per_s']:7.3f} img/s  x{r['speedup']:5.2f}  "
+                f"min cos vs release {r['min_cosine_vs_release']:.6f}"
+            )
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
