@@ -1,0 +1,195 @@
+"""Variable-size sets of local descriptors on disk, and their padding into batches for the Token head.
+
+A store holds the descriptors of many images as one flat (sum N_i, C) float16 array plus int64 offsets
+(image i owns rows ``offsets[i]:offsets[i+1]``), optionally with per-feature attention strengths
+(float32) — the same idea as the global-descriptor shards, one directory per shard:
+``descriptors.npy``, ``offsets.npy``, [``strengths.npy``] and ``store.json``. Loading memory-maps the
+descriptors, so a large shard opens instantly.
+
+Example:
+    >>> import numpy as np
+    >>> store = LocalDescriptorStore(4)
+    >>> store.add(np.ones((3, 4), np.float32)); store.add(np.zeros((1, 4), np.float32))
+    0
+    1
+    >>> x, padding = store.batch([0, 1])
+    >>> tuple(x.shape), padding.tolist()
+    ((2, 3, 4), [[False, False, False], [False, True, True]])
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+STORE_FORMAT = "tokenret-local-descriptors"
+STORE_VERSION = 1
+
+
+class LocalDescriptorStore:
+    """Append-only collection of per-image descriptor sets (float16 on disk and in memory).
+
+    Args:
+        dim: descriptor dimension C.
+        with_strengths: also keep one float32 strength (attention) per descriptor.
+    """
+
+    def __init__(self, dim: int, *, with_strengths: bool = False) -> None:
+        if int(dim) <= 0:
+            raise ValueError(f"descriptor dimension must be positive, got {dim}")
+        self.dim = int(dim)
+        self.with_strengths = bool(with_strengths)
+        self._chunks: list[np.ndarray] = []
+        self._strength_chunks: list[np.ndarray] = []
+        self._descriptors = np.empty((0, self.dim), np.float16)
+        self._strengths = np.empty(0, np.float32)
+        self._offsets = [0]
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    @property
+    def num_descriptors(self) -> int:
+        return self._offsets[-1]
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(np.asarray(self._offsets, np.int64))
+
+    def add(self, descriptors: np.ndarray, strengths: np.ndarray | None = None) -> int:
+        """Append one image's (N, C) descriptors; returns its position in the store."""
+        x = np.asarray(descriptors)
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"descriptors must have shape (N, {self.dim}), got {x.shape}")
+        if not np.isfinite(x).all():
+            raise ValueError("descriptors contain NaN or infinite values")
+        if self.with_strengths:
+            if strengths is None or np.shape(strengths) != (len(x),):
+                raise ValueError(f"this store keeps strengths: pass one per descriptor ({len(x)},)")
+            self._strength_chunks.append(np.asarray(strengths, np.float32))
+        elif strengths is not None:
+            raise ValueError("this store was created without strengths (with_strengths=False)")
+        self._chunks.append(x.astype(np.float16))
+        self._offsets.append(self._offsets[-1] + len(x))
+        return len(self) - 1
+
+    def _merge(self) -> None:
+        if self._chunks:
+            self._descriptors = np.concatenate([np.asarray(self._descriptors)] + self._chunks)
+            self._chunks = []
+        if self._strength_chunks:
+            self._strengths = np.concatenate([np.asarray(self._strengths)] + self._strength_chunks)
+            self._strength_chunks = []
+
+    def get(self, i: int) -> np.ndarray:
+        """Descriptors of image ``i`` as (N_i, C) float32."""
+        self._merge()
+        return np.asarray(self._descriptors[self._offsets[i] : self._offsets[i + 1]], np.float32)
+
+    def strengths(self, i: int) -> np.ndarray:
+        if not self.with_strengths:
+            raise ValueError("this store keeps no strengths")
+        self._merge()
+        return np.asarray(self._strengths[self._offsets[i] : self._offsets[i + 1]], np.float32)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.get(i)
+
+    def batch(self, indices: Sequence[int], max_n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pad the sets of ``indices`` into ``(B, N_max, C)`` float32 and a (B, N_max) mask, True = padding.
+
+        Args:
+            max_n: keep at most this many descriptors per image (the first ones; HOW stores them by
+                decreasing attention).
+        """
+        return pad_sets([self.get(i) for i in indices], max_n=max_n)
+
+    # -- persistence --------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the store into directory ``path`` (files replaced through temporary names)."""
+        self._merge()
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        arrays = {"descriptors": self._descriptors, "offsets": np.asarray(self._offsets, np.int64)}
+        if self.with_strengths:
+            arrays["strengths"] = self._strengths
+        for name, arr in arrays.items():
+            tmp = path / f"{name}.tmp.npy"
+            np.save(tmp, np.asarray(arr), allow_pickle=False)
+            os.replace(tmp, path / f"{name}.npy")
+        header = {
+            "format": STORE_FORMAT,
+            "version": STORE_VERSION,
+            "dim": self.dim,
+            "images": len(self),
+            "descriptors": self.num_descriptors,
+            "with_strengths": self.with_strengths,
+        }
+        tmp = path / "store.json.tmp"
+        tmp.write_text(json.dumps(header, indent=1) + "\n")
+        os.replace(tmp, path / "store.json")
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, mmap: bool = True) -> LocalDescriptorStore:
+        path = Path(path)
+        header_path = path / "store.json"
+        if not header_path.is_file():
+            raise FileNotFoundError(f"{path} is not a local-descriptor store (no store.json)")
+        header = json.loads(header_path.read_text())
+        if header.get("format") != STORE_FORMAT or int(header.get("version", 0)) > STORE_VERSION:
+            raise ValueError(f"{header_path}: not a {STORE_FORMAT} header of version <= {STORE_VERSION}")
+        store = cls(int(header["dim"]), with_strengths=bool(header["with_strengths"]))
+        n_desc = int(header["descriptors"])
+        mode = "r" if mmap and n_desc else None
+        descriptors = np.load(path / "descriptors.npy", mmap_mode=mode, allow_pickle=False)
+        offsets = np.load(path / "offsets.npy", allow_pickle=False)
+        if descriptors.shape != (n_desc, store.dim) or descriptors.dtype != np.float16:
+            raise ValueError(f"{path}: descriptors.npy is {descriptors.dtype} {descriptors.shape}")
+        if offsets.shape != (int(header["images"]) + 1,) or offsets[0] != 0 or offsets[-1] != n_desc:
+            raise ValueError(f"{path}: offsets.npy does not match the header")
+        if (np.diff(offsets) < 0).any():
+            raise ValueError(f"{path}: offsets.npy is not non-decreasing")
+        store._descriptors = descriptors
+        store._offsets = offsets.tolist()
+        if store.with_strengths:
+            store._strengths = np.load(path / "strengths.npy", mmap_mode=mode, allow_pickle=False)
+        return store
+
+
+def pad_sets(
+    sets: Sequence[np.ndarray | torch.Tensor], max_n: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack sets of different sizes into ``(B, N_max, C)`` (zeros in padding) and a mask, True = padding.
+
+    The result feeds ``TokenHead.forward_set(descriptors, padding_mask)``.
+    """
+    if len(sets) == 0:
+        raise ValueError("no sets to pad")
+    tensors = [
+        torch.as_tensor(np.asarray(s, np.float32) if not isinstance(s, torch.Tensor) else s) for s in sets
+    ]
+    if max_n is not None:
+        tensors = [t[:max_n] for t in tensors]
+    dims = {t.shape[1] for t in tensors if t.ndim == 2}
+    if len(dims) != 1 or any(t.ndim != 2 for t in tensors):
+        raise ValueError(
+            f"every set must be (N_i, C) with one C; got shapes {[tuple(t.shape) for t in tensors]}"
+        )
+    c = dims.pop()
+    n_max = max(1, max(len(t) for t in tensors))
+    out = torch.zeros(len(tensors), n_max, c, dtype=torch.float32)
+    padding = torch.ones(len(tensors), n_max, dtype=torch.bool)
+    for i, t in enumerate(tensors):
+        out[i, : len(t)] = t.float()
+        padding[i, : len(t)] = False
+    return out, padding
+
+
+__all__ = ["LocalDescriptorStore", "pad_sets"]
