@@ -171,3 +171,31 @@ def test_show_results_frames_by_label(shared_data, tmp_path):
         == 0
     )
     assert Image.open(out).convert("RGB").getpixel((4 * 160 + 2, 80)) == GREY
+
+
+def test_r1m_distractors_are_extracted_once_and_appended(shared_data, tmp_path, monkeypatch):
+    from PIL import Image
+
+    r1m = tmp_path / "revisitop1m"
+    (r1m / "jpg" / "a").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    names = []
+    for i in range(6):
+        name = f"a/d{i}.jpg"
+        Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(r1m / "jpg" / name)
+        names.append(name)
+    (r1m / "revisitop1m.txt").write_text("\n".join(names) + "\n")
+    plain = _evaluate(shared_data, tmp_path)["datasets"]["rparis6k_subset"]["results"]
+    calls = []
+    real = ex._extract_range
+    monkeypatch.setattr(ex, "_extract_range", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
+    report = _evaluate(shared_data, tmp_path, "--r1m", str(r1m))
+    assert calls == [6]  # only the distractors were new; the dataset's descriptors came from the cache
+    assert report["r1m"] == 6 and "rparis6k_subset+R1M" in report["datasets"]
+    with_r1m = report["datasets"]["rparis6k_subset+R1M"]["results"]
+    # Distractors are negatives only: no query can gain, and the ranking depth grows by 6.
+    for proto in ("easy", "medium", "hard"):
+        assert with_r1m[proto]["map"] <= plain[proto]["map"] + 1e-9
+    calls.clear()
+    _evaluate(shared_data, tmp_path, "--r1m", str(r1m))
+    assert calls == []  # second time everything is cached

@@ -141,6 +141,157 @@ def _cmd_show_results(args: argparse.Namespace) -> int:
     return 0
 
 
+def _runtime_from_args(args: argparse.Namespace) -> dict[str, object]:
+    return {"batch_size": args.batch_size, "num_workers": args.workers, "device": args.device}
+
+
+def _cmd_index(args: argparse.Namespace) -> int:
+    from tokenret.index.collection import ImageIndex
+
+    target = Path(args.target)
+    if args.out is None:  # `tokenret index INDEX --report / --check-recall`
+        with ImageIndex(target) as index:
+            if args.check_recall:
+                from tokenret.index.collection import sampled_recall
+
+                res = sampled_recall(index, args.backend, k=args.k, n_queries=args.n_queries)
+                print(
+                    json.dumps(res, indent=1)
+                    if args.json
+                    else f">> recall@{args.k} of {res['spec']} vs exact on {res['n_queries']} stored images: "
+                    f"{res['recall']:.4f}"
+                )
+                return 0
+            failures = index.failures()
+            if args.json:
+                print(
+                    json.dumps(
+                        {
+                            "images": len(index),
+                            "failed": [list(f) for f in failures],
+                            "settings": index.settings,
+                        },
+                        indent=1,
+                    )
+                )
+            else:
+                s = index.settings
+                print(f"index:      {index.path}")
+                print(f"model:      {s['model']} {s['model_kwargs']} ({s['checkpoint']})")
+                print(f"extraction: {s['extraction']}")
+                print(f"images:     {len(index)} searchable, {len(failures)} unreadable")
+                for path, reason in failures:
+                    print(f"  unreadable: {path}: {reason}")
+        return 0
+    out = Path(args.out)
+    if (out / "meta.sqlite").exists():
+        index = ImageIndex(out)
+        model = model_from_args(args) if (args.checkpoint or args.pretrained) else index.load_model()
+    else:
+        model = model_from_args(args)
+        index = ImageIndex.create(
+            out, model, extraction_config_from_args(args), checkpoint=args.checkpoint, backend=args.backend
+        )
+    with index:
+        counts = index.sync(target, model, progress=not args.quiet, **_runtime_from_args(args))
+        print(">> " + ", ".join(f"{k} {v}" for k, v in counts.items()) + f"; {len(index)} images searchable")
+        if counts["failed"]:
+            print(f">> {counts['failed']} unreadable file(s): see `tokenret index {out} --report`")
+    return 0
+
+
+def _parse_box(text: str | None):
+    if text is None:
+        return None
+    parts = [float(v) for v in text.replace(" ", "").split(",")]
+    if len(parts) != 4:
+        raise ValueError(f"--box takes x0,y0,x1,y1; got {text!r}")
+    return tuple(parts)
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    import csv
+
+    from tokenret.index.collection import ImageIndex, find_images
+
+    queries: list[Path] = []
+    for q in args.queries:
+        queries.extend(find_images(q))
+    if not queries:
+        raise FileNotFoundError(f"no query images in {args.queries}")
+    with ImageIndex(args.index) as index:
+        model = index.load_model()  # descriptors must be made like the stored ones
+        if args.checkpoint or args.pretrained:
+            args.model = args.model or index.settings["model"]
+            model = model_from_args(args)  # refused below unless it is the index's model
+        box = _parse_box(args.box)
+        hits = index.search_images(
+            queries,
+            model,
+            k=args.k,
+            boxes=[box] * len(queries) if box else None,
+            qe=args.qe,
+            **_runtime_from_args(args),
+        )
+    rows = [
+        (str(q), rank, h.path, round(h.score, 6))
+        for q, hs in zip(queries, hits, strict=True)
+        for rank, h in enumerate(hs, start=1)
+    ]
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    str(q): [{"path": h.path, "score": h.score} for h in hs]
+                    for q, hs in zip(queries, hits, strict=True)
+                },
+                indent=1,
+            )
+        )
+    elif args.csv:
+        w = csv.writer(sys.stdout)
+        w.writerow(["query", "rank", "path", "score"])
+        w.writerows(rows)
+    else:
+        for q, hs in zip(queries, hits, strict=True):
+            print(f"{q}")
+            for rank, h in enumerate(hs, start=1):
+                print(f"  {rank:3d}  {h.score:.4f}  {h.path}")
+    return 0
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    from tokenret.index.collection import ImageIndex
+    from tokenret.viz import search_page
+
+    box = _parse_box(args.box)
+    with ImageIndex(args.index) as index:
+        model = index.load_model()
+        hits = index.search_images(
+            [args.query], model, k=args.k, boxes=[box] if box else None, num_workers=0, device=args.device
+        )[0]
+    png, page = search_page(args.query, hits, args.out, model=model, box=box)
+    print(f">> wrote {png} and {page}")
+    return 0
+
+
+def _cmd_duplicates(args: argparse.Namespace) -> int:
+    from tokenret.index.collection import ImageIndex
+    from tokenret.index.duplicates import find_duplicate_groups
+
+    with ImageIndex(args.index) as index:
+        groups = find_duplicate_groups(index, args.threshold)
+    if args.json:
+        print(json.dumps(groups, indent=1))
+    else:
+        for i, g in enumerate(groups, start=1):
+            print(f"group {i} ({len(g)} images)")
+            for p in g:
+                print(f"  {p}")
+        print(f">> {len(groups)} group(s) of near-duplicates at similarity >= {args.threshold}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenret", description="Token-based image retrieval.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
@@ -179,6 +330,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", choices=["easy", "medium", "hard"], default="medium")
     p.add_argument("--out", default="results.png")
     p.set_defaults(func=_cmd_show_results)
+
+    p = sub.add_parser("index", help="index a folder of images (incremental), or report on an index")
+    p.add_argument("target", help="PHOTOS folder to index (with --out), or an INDEX to report on")
+    p.add_argument("--out", help="index directory to create or update")
+    p.add_argument("--report", action="store_true", help="list settings and unreadable files")
+    p.add_argument("--check-recall", action="store_true", help="recall@k of the approximate index vs exact")
+    p.add_argument("--backend", default="exact", help="'exact' (default) or a FAISS factory string")
+    p.add_argument("-k", "--k", type=int, default=100, help="k for --check-recall")
+    p.add_argument("--n-queries", type=int, default=100, help="sampled queries for --check-recall")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    add_model_arguments(p)
+    add_extraction_arguments(p)
+    p.set_defaults(func=_cmd_index)
+
+    p = sub.add_parser("search", help="search an index with query images (or folders of them)")
+    p.add_argument("index")
+    p.add_argument("queries", nargs="+", help="query images or folders")
+    p.add_argument("--box", help="x0,y0,x1,y1: search with this region of the query")
+    p.add_argument("-k", "--k", type=int, default=20)
+    p.add_argument("--qe", type=int, nargs="?", const=5, default=0, help="alpha query expansion over N hits")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true")
+    fmt.add_argument("--csv", action="store_true")
+    add_model_arguments(p)
+    p.set_defaults(model=None)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=_cmd_search)
+
+    p = sub.add_parser("show", help="PNG + HTML page of a search, with the query's token attention maps")
+    p.add_argument("index")
+    p.add_argument("query")
+    p.add_argument("--box", help="x0,y0,x1,y1")
+    p.add_argument("-k", "--k", type=int, default=10)
+    p.add_argument("--out", default="tokenret-show", help="output folder")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=_cmd_show)
+
+    p = sub.add_parser("duplicates", help="groups of near-duplicate images in an index")
+    p.add_argument("index")
+    p.add_argument("--threshold", type=float, default=0.9, help="cosine similarity for 'near-duplicate'")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_duplicates)
     return parser
 
 

@@ -72,3 +72,86 @@ def result_grid(
                 tile = _tile(dataset.image_path(int(idx)), cell, frame, border)
             grid.paste(tile, (col * cell, row * cell))
     return grid
+
+
+def attention_overlays(
+    model: Any, image_path: str | Path, max_size: int = 512, box=None
+) -> list[Image.Image]:
+    """Where each token looks: the query with each of the L tokenizer attention maps laid over it.
+
+    Only Token models have token attention; others give an empty list.
+    """
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from tokenret.data.images import to_tensor
+
+    if not hasattr(model, "attention_maps"):
+        return []
+    img = load_image(image_path, max_size=max_size, box=box)
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        maps = model.attention_maps(to_tensor(img)[None].to(device))[0].float()  # (L, h, w)
+        maps = F.interpolate(maps[None], size=(img.height, img.width), mode="bilinear", align_corners=False)[
+            0
+        ]
+    base = np.asarray(img, dtype=np.float32)
+    out = []
+    for m in maps.cpu().numpy():
+        m = (m - m.min()) / max(float(m.max() - m.min()), 1e-8)
+        heat = np.stack([m * 255, np.zeros_like(m), (1 - m) * 255], axis=-1)  # red = attended, blue = not
+        out.append(Image.fromarray((0.5 * base + 0.5 * heat).clip(0, 255).astype("uint8")))
+    return out
+
+
+def search_page(
+    query_path: str | Path,
+    hits: Sequence[Any],
+    out_dir: str | Path,
+    model: Any = None,
+    box=None,
+    cell: int = 200,
+) -> tuple[Path, Path]:
+    """Write ``results.png`` (query, then hits with scores) and ``index.html`` (the same, plus the query's
+    token attention maps) into ``out_dir``; returns both paths."""
+    import html
+
+    out_dir = Path(out_dir)
+    (out_dir / "img").mkdir(parents=True, exist_ok=True)
+    tiles = [_tile(Path(query_path), cell, BLUE, 4, box)] + [_tile(Path(h.path), cell, GREY, 2) for h in hits]
+    grid = Image.new("RGB", (len(tiles) * cell, cell + 22), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for i, t in enumerate(tiles):
+        grid.paste(t, (i * cell, 0))
+        label = "query" if i == 0 else f"{i}: {hits[i - 1].score:.3f}"
+        draw.text((i * cell + 6, cell + 4), label, fill=(0, 0, 0))
+    png = out_dir / "results.png"
+    grid.save(png)
+    for i, t in enumerate(tiles):
+        t.save(out_dir / "img" / f"{i}.jpg", quality=90)
+    overlays = attention_overlays(model, query_path, box=box) if model is not None else []
+    for j, o in enumerate(overlays):
+        o.save(out_dir / "img" / f"token{j}.jpg", quality=90)
+    rows = "\n".join(
+        f'<figure><img src="img/{i}.jpg"><figcaption>{i}. {h.score:.4f}<br>{html.escape(str(h.path))}'
+        "</figcaption></figure>"
+        for i, h in enumerate(hits, start=1)
+    )
+    tokens = "\n".join(
+        f'<figure><img src="img/token{j}.jpg"><figcaption>token {j + 1}</figcaption></figure>'
+        for j in range(len(overlays))
+    )
+    title = html.escape(str(query_path))
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>tokenret: {title}</title>
+<style>body{{font-family:sans-serif}}
+figure{{display:inline-block;margin:4px;width:{cell}px;vertical-align:top}}
+figcaption{{font-size:12px;word-break:break-all}}</style></head><body>
+<h2>Query</h2><figure><img src="img/0.jpg"><figcaption>{html.escape(str(query_path))}</figcaption></figure>
+{"<h2>Where each token looks</h2>" + tokens if tokens else ""}
+<h2>Results</h2>
+{rows}
+</body></html>"""
+    page_path = out_dir / "index.html"
+    page_path.write_text(page, encoding="utf-8")
+    return png, page_path
