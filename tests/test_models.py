@@ -312,3 +312,15 @@ def test_parameter_counts_match_the_release():
     assert sum(p.numel() for p in model.backbone.parameters()) == 42_500_160
     assert sum(p.numel() for p in model.tr.parameters()) == 37_799_936
     assert sum(p.numel() for p in model.tr.decoder.parameters()) == 25_196_544
+
+
+def test_token_head_runs_in_float32_under_fp16_autocast():
+    """fp16 autocast would overflow the tokenizer's unscaled logits and position sums; the head opts out."""
+    head = TokenHead(in_channels=16, dim=32, num_tokens=2, num_heads=4, out_dim=8).eval()
+    feats = torch.randn(1, 16, 3, 3) * 300  # activations whose tokenizer logits exceed float16's range
+    with torch.inference_mode():
+        ref = head(feats)
+        with torch.autocast("cpu", dtype=torch.float16):
+            out = head(feats)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref)

@@ -170,6 +170,16 @@ class Decoder(nn.Module):
         return tokens
 
 
+def _fp16_autocast(device_type: str) -> bool:
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+        dtype = torch.get_autocast_dtype(device_type)
+    except TypeError:  # torch < 2.4: only the CUDA query exists
+        enabled = device_type == "cuda" and torch.is_autocast_enabled()
+        dtype = torch.get_autocast_gpu_dtype() if enabled else None
+    return bool(enabled) and dtype == torch.float16
+
+
 class TokenHead(nn.Module):
     """Token aggregator: local features in, one global descriptor out (the release's ``Token_Refine``).
 
@@ -219,6 +229,11 @@ class TokenHead(nn.Module):
 
     def forward(self, features: Tensor) -> Tensor:
         """features (B, C, h, w) -> descriptor (B, out_dim)."""
+        if _fp16_autocast(features.device.type):
+            # The tokenizer's unscaled logits and its sum over positions overflow float16 (bf16 is fine):
+            # the head is cheap next to the trunk, so it runs in float32 under fp16 autocast.
+            with torch.autocast(features.device.type, enabled=False):
+                return self.forward(features.float())
         x = self.conv(features).flatten(2).transpose(1, 2)  # (B, h*w, dim)
         return self.aggregate(x)
 
