@@ -1,0 +1,120 @@
+"""How well an approximate index finds the true nearest neighbours: recall@k against exact search."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from tokenret.index.base import VectorIndex, check_k
+
+
+def recall_per_query(approx_ids: np.ndarray, exact_ids: np.ndarray, k: int) -> np.ndarray:
+    """Fraction of each query's exact top-``k`` ids found in its approximate top-``k``.
+
+    Args:
+        approx_ids: (nq, >=k) ids from the index under test, best first; -1 is padding.
+        exact_ids: (nq, >=k) ids from exact search, best first; -1 is padding.
+        k: cut-off.
+
+    Returns:
+        (nq,) float64 recalls; NaN for queries whose exact list is empty.
+    """
+    k = check_k(k)
+    approx_ids = np.asarray(approx_ids, dtype=np.int64)
+    exact_ids = np.asarray(exact_ids, dtype=np.int64)
+    if approx_ids.ndim != 2 or exact_ids.ndim != 2 or len(approx_ids) != len(exact_ids):
+        raise ValueError(
+            f"need two (nq, k) id arrays with the same nq, got {approx_ids.shape} and {exact_ids.shape}"
+        )
+    if approx_ids.shape[1] < k or exact_ids.shape[1] < k:
+        raise ValueError(f"k={k} exceeds the result width ({approx_ids.shape[1]}, {exact_ids.shape[1]})")
+    a = approx_ids[:, :k]
+    e = exact_ids[:, :k]
+    # padding must never match: give it distinct negative values on each side
+    a = np.where(a < 0, -2, a)
+    e_valid = e >= 0
+    e = np.where(e_valid, e, -3)
+    both = np.sort(np.concatenate([a, e], axis=1), axis=1)
+    # ids are unique within one list, so an id seen twice in a row is in both lists
+    hits = ((both[:, 1:] == both[:, :-1]) & (both[:, 1:] >= 0)).sum(axis=1)
+    n_true = e_valid.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n_true > 0, hits / np.maximum(n_true, 1), np.nan)
+
+
+def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray, k: int) -> float:
+    """Mean recall@k over queries: |approx top-k ∩ exact top-k| / |exact top-k|.
+
+    Queries with no exact result are left out; the result is NaN if none has one.
+
+    Example:
+        >>> recall_at_k(np.array([[1, 2, 3]]), np.array([[3, 1, 4]]), k=3)
+        0.6666666666666666
+    """
+    per_query = recall_per_query(approx_ids, exact_ids, k)
+    valid = ~np.isnan(per_query)
+    return float(per_query[valid].mean()) if valid.any() else float("nan")
+
+
+@dataclass
+class RecallReport:
+    """Outcome of :func:`check_recall`."""
+
+    k: int
+    n_queries: int
+    recall: float
+    min_recall: float
+    approx_ms_per_query: float
+    exact_ms_per_query: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        return (
+            f"recall@{self.k} = {self.recall:.4f} (worst query {self.min_recall:.3f}) "
+            f"over {self.n_queries} queries; {self.approx_ms_per_query:.2f} ms/query approximate "
+            f"vs {self.exact_ms_per_query:.2f} ms/query exact"
+        )
+
+
+def check_recall(
+    index: VectorIndex, exact_index: VectorIndex, queries: np.ndarray, k: int = 100
+) -> RecallReport:
+    """Search ``queries`` in both indexes and report recall@k of ``index`` against ``exact_index``.
+
+    Both indexes must hold the same vectors under the same ids (e.g. an ``ExactIndex`` built
+    from the descriptors the approximate index was built from). Queries are searched as one
+    batch in each index; times are per query of that batch.
+
+    Example:
+        >>> report = check_recall(ann_index, exact_index, sample_queries, k=100)   # doctest: +SKIP
+        >>> print(report)                                                           # doctest: +SKIP
+    """
+    k = check_k(k)
+    if index.dim != exact_index.dim:
+        raise ValueError(f"indexes differ in dimension: {index.dim} vs {exact_index.dim}")
+    if index.ntotal != exact_index.ntotal:
+        raise ValueError(
+            f"indexes hold different numbers of vectors ({index.ntotal} vs {exact_index.ntotal}); "
+            "build the exact index from the same descriptors"
+        )
+    queries = np.asarray(queries, dtype=np.float32)
+    nq = max(len(queries), 1)
+    t0 = time.perf_counter()
+    _, approx_ids = index.search(queries, k)
+    t1 = time.perf_counter()
+    _, exact_ids = exact_index.search(queries, k)
+    t2 = time.perf_counter()
+    per_query = recall_per_query(approx_ids, exact_ids, k)
+    valid = per_query[~np.isnan(per_query)]
+    return RecallReport(
+        k=k,
+        n_queries=len(queries),
+        recall=float(valid.mean()) if len(valid) else float("nan"),
+        min_recall=float(valid.min()) if len(valid) else float("nan"),
+        approx_ms_per_query=1e3 * (t1 - t0) / nq,
+        exact_ms_per_query=1e3 * (t2 - t1) / nq,
+    )
