@@ -211,3 +211,15 @@ def test_attention_overlays_follow_the_tokenizer(photos):
     with torch.inference_mode():
         maps = model.attention_maps(to_tensor(load_image(query, 128))[None])
     torch.testing.assert_close(maps.sum(dim=1), torch.ones_like(maps[:, 0]))  # a soft assignment over tokens
+
+
+def test_check_recall_compares_an_approximate_index_with_exact(photos, tmp_path, capsys):
+    ckpt = save_checkpoint(tiny_model(), tmp_path / "tiny.pth")
+    out = tmp_path / "idx"
+    argv = ["index", str(photos), "--out", str(out), "--model", "token_r50", "--checkpoint", str(ckpt)]
+    assert main([*argv, "--max-size", "64", "--scales", "1", "--workers", "0", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["index", str(out), "--check-recall", "--backend", "HNSW32", "-k", "5", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    # 16 vectors: HNSW's graph reaches all of them, so its top-5 equals exact search.
+    assert res == {"spec": "HNSW32", "k": 5, "n_queries": 16, "recall": 1.0}
