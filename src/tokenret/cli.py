@@ -370,6 +370,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.set_defaults(func=_cmd_show)
 
+    from tokenret.train.command import add_parser as add_train_parser
+
+    add_train_parser(sub)
+
     p = sub.add_parser("duplicates", help="groups of near-duplicate images in an index")
     p.add_argument("index")
     p.add_argument("--threshold", type=float, default=0.9, help="cosine similarity for 'near-duplicate'")
