@@ -158,11 +158,22 @@ class ImageList(Dataset):
             return i, None, str(e.reason) if hasattr(e, "reason") else str(e)
 
 
+def _cpu_has_native_bf16() -> bool:
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported())
+    except AttributeError:  # older torch: cannot tell
+        return True
+
+
 def _autocast(device: torch.device, amp: str):
     if amp == "off":
         return contextlib.nullcontext()
     if amp == "fp16" and device.type != "cuda":
         raise ValueError("amp='fp16' needs a GPU (fp16 compute is very slow on CPUs); use amp='bf16'")
+    if amp == "bf16" and device.type == "cpu" and not _cpu_has_native_bf16():
+        log.warning(
+            "this CPU has no native bfloat16 (avx512_bf16): bf16 autocast will be far slower than fp32"
+        )
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
