@@ -397,3 +397,27 @@ def test_recall_at_k_against_hand_count():
     assert recall_at_k(exact, exact, 2) == 1.0
     with pytest.raises(ValueError, match="exceeds"):
         recall_at_k(approx, exact, 5)
+
+
+def test_from_arrays_searches_rows_in_place_and_skips_dead_rows(tmp_path):
+    from tokenret.index.exact import ExactIndex
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((50, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    path = tmp_path / "v.f16"
+    path.write_bytes(x.astype(np.float16).tobytes())
+    mm = np.memmap(path, dtype=np.float16, mode="r", shape=(50, 16))
+    alive = np.ones(50, bool)
+    alive[::3] = False
+    ids = np.arange(50, dtype=np.int64) + 1000
+    ids[~alive] = -1
+    index = ExactIndex.from_arrays(mm, ids, alive)
+    assert index.ntotal == alive.sum() and index._vectors is mm
+    scores, found = index.search(x[:5], 4)
+    xa = x.astype(np.float16).astype(np.float32)
+    brute = xa[alive] @ x[:5].T
+    expected = (np.flatnonzero(alive)[np.argsort(-brute, axis=0, kind="stable")[:4]] + 1000).T
+    np.testing.assert_array_equal(found, expected)
+    with pytest.raises(ValueError, match="unique"):
+        ExactIndex.from_arrays(mm, np.zeros(50, np.int64))

@@ -337,15 +337,16 @@ class ImageIndex:
     # -- searching ------------------------------------------------------------------------------
 
     def vector_index(self) -> Any:
-        """An exact search index over the stored vectors (float16, read from the vector file in blocks)."""
+        """An exact search index over the stored vectors, read in place from the memory-mapped file."""
         from tokenret.index.exact import ExactIndex
 
         vecs, ids, rows = self.vectors()
-        index = ExactIndex(self.dim)
-        for start in range(0, len(ids), 65536):
-            sl = slice(start, start + 65536)
-            index.add(np.asarray(vecs[rows[sl]], dtype=np.float32), ids[sl])
-        return index
+        if vecs is None or len(ids) == 0:
+            return ExactIndex(self.dim)
+        row_ids = np.full(len(vecs), -1, dtype=np.int64)
+        alive = np.zeros(len(vecs), dtype=bool)
+        row_ids[rows], alive[rows] = ids, True  # rows of removed or re-described images stay dead
+        return ExactIndex.from_arrays(vecs, row_ids, alive)
 
     def search(self, queries: np.ndarray, k: int = 20) -> list[list[SearchHit]]:
         """Nearest stored images of each query descriptor (rows of ``queries``), best first."""

@@ -130,6 +130,32 @@ class ExactIndex(VectorIndex):
         live = self.ids
         return int(live.max()) + 1 if len(live) else 0
 
+    @classmethod
+    def from_arrays(
+        cls, vectors: np.ndarray, ids: np.ndarray, alive: np.ndarray | None = None, **options: Any
+    ):
+        """Search existing float16 rows (e.g. a memory-mapped file) in place, without copying them.
+
+        Args:
+            vectors: (rows, dim) float16.
+            ids: (rows,) int64 id of each row; rows where ``alive`` is False are never returned.
+            alive: (rows,) bool, or None when every row is live. Live ids must be unique and >= 0.
+        """
+        if vectors.dtype != np.float16 or vectors.ndim != 2:
+            raise ValueError(f"vectors must be a 2-D float16 array, got {vectors.dtype} {vectors.shape}")
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.shape != (len(vectors),):
+            raise ValueError(f"need one id per row: {len(vectors)} rows, ids of shape {ids.shape}")
+        live = ids if alive is None else ids[np.asarray(alive, bool)]
+        if len(live) and (live.min() < 0 or len(np.unique(live)) != len(live)):
+            raise ValueError("live ids must be unique and non-negative")
+        index = cls(vectors.shape[1], **options)
+        index._vectors, index._ids, index._n = vectors, ids.copy(), len(vectors)
+        if alive is not None and not np.all(alive):
+            index._alive = np.asarray(alive, bool).copy()
+            index._n_removed = int((~index._alive).sum())
+        return index
+
     # -- adding and removing -------------------------------------------------------------------
 
     def add(self, vectors: np.ndarray, ids: np.ndarray | None = None) -> np.ndarray:
