@@ -63,40 +63,20 @@ def main() -> None:
             p = Path(tmp) / f"{i}.jpg"
             Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(p, quality=85)
             paths.append(p)
+
+        def ours(amp: str):
+            cfg = ExtractionConfig(
+                batch_size=args.batch_size, num_workers=args.workers, device=args.device, amp=amp
+            )
+            return lambda: extract_descriptors(model, paths, config=cfg, progress=False).descriptors
+
         runs = {
             "release-style loop (bs 1, NCHW, no_grad)": lambda: release_style(model, paths, dev),
-            "tokenret fp32": lambda: (
-                extract_descriptors(
-                    model,
-                    paths,
-                    config=ExtractionConfig(
-                        batch_size=args.batch_size, num_workers=args.workers, device=args.device
-                    ),
-                    progress=False,
-                ).descriptors
-            ),
-            "tokenret bf16 autocast": lambda: (
-                extract_descriptors(
-                    model,
-                    paths,
-                    config=ExtractionConfig(
-                        batch_size=args.batch_size, num_workers=args.workers, device=args.device, amp="bf16"
-                    ),
-                    progress=False,
-                ).descriptors
-            ),
+            "tokenret fp32": ours("off"),
+            "tokenret bf16 autocast": ours("bf16"),
         }
         if dev.type == "cuda":
-            runs["tokenret fp16 autocast"] = lambda: (
-                extract_descriptors(
-                    model,
-                    paths,
-                    config=ExtractionConfig(
-                        batch_size=args.batch_size, num_workers=args.workers, device=args.device, amp="fp16"
-                    ),
-                    progress=False,
-                ).descriptors
-            )
+            runs["tokenret fp16 autocast"] = ours("fp16")
         # warm-up on one image each (allocator, cuDNN/oneDNN algorithm choice)
         release_style(model, paths[:1], dev)
         extract_descriptors(

@@ -77,24 +77,15 @@ def run_benchmark(
         db_paths = [ds.image_path(i) for i in range(len(ds.imlist))]
         q_paths = [ds.query_path(i) for i in range(len(ds.qimlist))]
         boxes = [ds.query_box(i) for i in range(len(ds.qimlist))]
-        db = extract_descriptors(
-            model,
-            db_paths,
-            None,
-            config,
-            descriptor_cache_dir(cache_root, model_fp, config, f"{name}/db"),
-            progress=progress,
-            desc=f"{name} database",
-        ).descriptors
-        q = extract_descriptors(
-            model,
-            q_paths,
-            boxes,
-            config,
-            descriptor_cache_dir(cache_root, model_fp, config, f"{name}/queries"),
-            progress=progress,
-            desc=f"{name} queries",
-        ).descriptors
+
+        def describe(paths, boxes, what: str, label: str) -> np.ndarray:
+            out = descriptor_cache_dir(cache_root, model_fp, config, what)
+            return extract_descriptors(
+                model, paths, boxes, config, out, progress=progress, desc=label
+            ).descriptors
+
+        db = describe(db_paths, None, f"{name}/db", f"{name} database")
+        q = describe(q_paths, boxes, f"{name}/queries", f"{name} queries")
         if distractors is not None:
             db = np.concatenate([db, distractors])
         results, top = evaluate_descriptors(db, q, ds.gnd, ks, qe=qe, dba=dba)
