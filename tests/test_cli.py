@@ -64,3 +64,81 @@ def test_info_on_a_non_checkpoint_is_an_error(tmp_path, capsys):
     assert main(["info", str(path)]) == 2
     err = capsys.readouterr().err
     assert "not a PyTorch checkpoint" in err and "JPEG" in err and str(path) in err
+
+
+def _indexed_folder(tmp_path, n=8):
+    """n small generated pictures, and the argv that indexes them with a tiny random model."""
+    import numpy as np
+    from PIL import Image
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        pixels = rng.integers(0, 255, size=(8, 12, 3), dtype=np.uint8)  # blocky: a distinct picture each
+        Image.fromarray(pixels).resize((96, 64), Image.NEAREST).save(photos / f"p{i}.png")
+    torch.manual_seed(0)
+    model = tokenret.create_model("token_r50", backbone="resnet18", dim=32, num_heads=4, out_dim=16)
+    ckpt = ck.save_checkpoint(model, tmp_path / "tiny.pth")
+    argv = ["index", str(photos), "--out", str(tmp_path / "idx"), "--model", "token_r50"]
+    argv += ["--checkpoint", str(ckpt), "--max-size", "64", "--scales", "1", "--workers", "0", "--quiet"]
+    return photos, argv
+
+
+def test_index_backend_and_refine_options(tmp_path, capsys):
+    from tokenret.index.collection import ImageIndex
+
+    photos, argv = _indexed_folder(tmp_path)
+    idx = str(tmp_path / "idx")
+    assert main([*argv, "--backend", "HNSW32", "--refine", "4"]) == 0
+    assert (
+        "search: HNSW32, exact re-ranking of 4 candidates; approximate index current"
+        in capsys.readouterr().out
+    )
+    with ImageIndex(idx) as index:
+        assert (index.backend, index.refine, index.ann_status()) == ("HNSW32", 4, "current")
+    query = str(photos / "p3.png")
+    assert main(["search", idx, query, "-k", "2", "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)[str((photos / "p3.png").resolve())]
+    assert hits[0]["path"] == str((photos / "p3.png").resolve()) and abs(hits[0]["score"] - 1) < 2e-3
+    assert main(["index", idx, "--report", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["search"] == {"backend": "HNSW32", "spec": "HNSW32", "refine": 4, "ann": "current"}
+    # An IVF spec needs more training vectors than 8 images: refused, the old backend stays.
+    assert main(["index", idx, "--backend", "IVF64,PQ4"]) == 2
+    assert "cannot build the approximate index 'IVF64,PQ4' over 8 images" in capsys.readouterr().err
+    assert main(["index", idx, "--refine", "0", "--json"]) == 0  # refine off, backend kept
+    assert json.loads(capsys.readouterr().out) == {
+        "backend": "HNSW32",
+        "spec": "HNSW32",
+        "refine": None,
+        "ann": "current",
+    }
+    assert main(["index", idx, "--backend", "auto", "--check-recall", "-k", "3"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "search: exact (backend auto)" in out
+        and "recall@3 of exact vs exact on 8 stored images: 1.0000" in out
+    )
+    assert not (tmp_path / "idx" / "ann").exists()
+
+
+def test_serve_loads_the_index_and_its_model(tmp_path, capsys, monkeypatch):
+    from tokenret.serve import SearchServer
+
+    _, argv = _indexed_folder(tmp_path, n=3)
+    assert main(argv) == 0
+    capsys.readouterr()
+    started = []
+
+    def stop_at_once(server):
+        started.append(server.service)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(SearchServer, "serve_forever", stop_at_once)
+    assert main(["serve", str(tmp_path / "idx"), "--port", "0", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert f"serving {tmp_path / 'idx'} (3 images, token_r50, backend exact) at http://127.0.0.1:" in out
+    assert ">> stopped" in out and started[0].model.descriptor_dim == 16
+    assert main(["serve", str(tmp_path / "nowhere")]) == 2
+    assert "not a tokenret index" in capsys.readouterr().err

@@ -222,4 +222,166 @@ def test_check_recall_compares_an_approximate_index_with_exact(photos, tmp_path,
     assert main(["index", str(out), "--check-recall", "--backend", "HNSW32", "-k", "5", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     # 16 vectors: HNSW's graph reaches all of them, so its top-5 equals exact search.
-    assert res == {"spec": "HNSW32", "k": 5, "n_queries": 16, "recall": 1.0}
+    assert res == {
+        "spec": "HNSW32",
+        "backend": "HNSW32",
+        "refine": None,
+        "k": 5,
+        "n_queries": 16,
+        "recall": 1.0,
+    }
+    with ImageIndex(out) as index:  # --backend is recorded: searches now use it
+        assert index.backend == "HNSW32" and index.ann_status() == "current"
+
+
+# -- approximate (FAISS) backends inside an ImageIndex ------------------------------------------------
+
+
+def clustered_vectors(n, dim=16, clusters=20, spread=0.35, seed=0):
+    """Unit vectors around random centres, like descriptors of photos of a few places."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, dim))
+    x = centres[rng.integers(clusters, size=n)] + spread * rng.standard_normal((n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def vector_index(tmp_path, vectors, name="vidx", start=0):
+    """An index (tiny model, 16-d) holding ``vectors`` for empty stand-in files img/00000.jpg, ..."""
+    index = make_index(tmp_path, tiny_model(), name)
+    add_vectors(index, tmp_path, vectors, start)
+    return index
+
+
+def add_vectors(index, tmp_path, vectors, start=0):
+    folder = tmp_path / "img"
+    folder.mkdir(exist_ok=True)
+    paths = [folder / f"{i:05d}.jpg" for i in range(start, start + len(vectors))]
+    for p in paths:
+        p.touch()
+    return index.add_descriptors(paths, vectors)
+
+
+def brute_force(index, queries, k):
+    """Exact top-k ids and scores, computed independently with numpy from the stored float16 vectors."""
+    vecs, ids, rows = index.vectors()
+    data = np.asarray(vecs[rows], dtype=np.float64)
+    scores = np.asarray(queries, np.float64) @ data.T
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return ids[order], np.take_along_axis(scores, order, axis=1)
+
+
+def test_faiss_flat_backend_ranks_like_exact(tmp_path):
+    x = clustered_vectors(300)
+    with vector_index(tmp_path, x) as index:
+        assert index.backend == "auto" and index.backend_spec() == "exact" and index.ann_status() == "exact"
+        assert index.set_backend("Flat") == "exact"  # make_index's name for exact search: no FAISS index
+        assert not (index.path / col.ANN_DIR).exists()
+        assert index.set_backend("IDMap,Flat") == "IDMap,Flat"  # FAISS's own brute force
+        state = json.loads((index.path / col.ANN_DIR / col.ANN_STATE).read_text())
+        assert state["spec"] == "IDMap,Flat" and state["n"] == 300 and state["rows"] == 300
+        q = clustered_vectors(25, seed=1)
+        scores, ids = index.knn(q, 10)
+        want_ids, want_scores = brute_force(index, q, 10)
+        np.testing.assert_array_equal(ids, want_ids)
+        np.testing.assert_allclose(scores, want_scores, atol=1e-5)
+        hits = index.search(q[:1], 10)[0]
+        assert [h.id for h in hits] == want_ids[0].tolist()
+        assert hits[0].path == index.image_path(hits[0].id)
+
+
+def test_hnsw_backend_recall_against_exact(tmp_path):
+    x = clustered_vectors(3000, clusters=30)
+    with vector_index(tmp_path, x) as index:
+        assert index.set_backend("HNSW32") == "HNSW32"
+        ann = index.ann_index()
+        assert ann.is_hnsw and ann.ntotal == 3000 and ann.efSearch == col.HNSW_EF_SEARCH
+        q = clustered_vectors(200, clusters=30, seed=1)
+        _, ids = index.knn(q, 10)
+        want, _ = brute_force(index, q, 10)
+        recall = np.mean(
+            [len(set(a) & set(b)) / 10 for a, b in zip(ids.tolist(), want.tolist(), strict=True)]
+        )
+        assert recall >= 0.9
+        res = col.sampled_recall(index, k=10, n_queries=100)  # the configured backend, as searches run it
+        assert res["spec"] == res["backend"] == "HNSW32" and res["recall"] >= 0.9
+
+
+def test_stale_ann_index_is_rebuilt_and_removed_images_never_return(tmp_path, caplog):
+    x = clustered_vectors(400)
+    with vector_index(tmp_path, x) as writer, ImageIndex(writer.path) as reader:
+        writer.set_backend("HNSW32")
+        paths = writer.paths()
+        assert [row[0].path for row in reader.search(x[:3], 1)] == paths[:3]  # reader caches the FAISS index
+        built = json.loads((writer.path / "ann" / "state.json").read_text())
+        # Removed by another handle (another process, as far as `reader` knows): reader must not use its
+        # cached FAISS index any more, nor return the removed images.
+        assert writer.remove_paths(paths[:50]) == 50
+        assert writer.ann_status() == "stale"
+        with caplog.at_level("WARNING", logger="tokenret.index.collection"):
+            hits = reader.search(x[:50], 5)
+        assert "out of date" in caplog.text
+        assert not {h.path for row in hits for h in row} & set(paths[:50])
+        assert reader.ann_index().ntotal == 350 and writer.ann_status() == "current"
+        rebuilt = json.loads((writer.path / "ann" / "state.json").read_text())
+        assert rebuilt["n"] == 350 and rebuilt["fingerprint"] != built["fingerprint"]
+        # Additions rebuild it at their end; the reader finds the new images with no rebuild of its own.
+        new = clustered_vectors(20, seed=5)
+        assert add_vectors(writer, tmp_path, new, start=1000) == {"added": 20, "updated": 0}
+        assert writer.ann_status() == "current"
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="tokenret.index.collection"):
+            first = [row[0] for row in reader.search(new, 1)]
+        assert caplog.text == ""
+        assert [h.path for h in first] == [str(tmp_path / "img" / f"{i:05d}.jpg") for i in range(1000, 1020)]
+        np.testing.assert_allclose([h.score for h in first], 1.0, atol=2e-3)
+
+
+def test_backend_and_ann_index_survive_reopening(tmp_path, monkeypatch):
+    x = clustered_vectors(300)
+    with vector_index(tmp_path, x) as index:
+        index.set_backend("HNSW16", refine=40)
+        before = index.search(x[:5], 5)
+    with ImageIndex(tmp_path / "vidx") as index:
+        assert (index.backend, index.refine, index.ann_status()) == ("HNSW16", 40, "current")
+
+        def no_rebuild(*args):
+            raise AssertionError("the saved FAISS index should have been loaded, not rebuilt")
+
+        monkeypatch.setattr(ImageIndex, "_build_ann", no_rebuild)
+        after = index.search(x[:5], 5)
+        assert [[h.id for h in r] for r in after] == [[h.id for h in r] for r in before]
+        assert index.ann_index().ntotal == 300
+
+
+def test_refine_rescores_candidates_exactly(tmp_path):
+    x = clustered_vectors(1200, clusters=10)
+    q = clustered_vectors(20, clusters=10, seed=3)
+    with vector_index(tmp_path, x) as index:
+        index.set_backend("IVF16,PQ4")  # 4-byte codes: approximate scores
+        pq_scores, pq_ids = index.knn(q, 10)
+        index.set_backend("IVF16,PQ4", refine=100)
+        scores, ids = index.knn(q, 10)
+        vecs, stored_ids, rows = index.vectors()
+        vector_of = dict(zip(stored_ids.tolist(), np.asarray(vecs[rows], np.float64), strict=True))
+        exact = np.array([[q[i] @ vector_of[j] for j in row] for i, row in enumerate(ids.tolist())])
+        np.testing.assert_allclose(scores, exact, atol=1e-5)  # every returned score is the exact one
+        assert np.all(np.diff(scores, axis=1) <= 0)
+        pq_exact = np.array([[q[i] @ vector_of[j] for j in row] for i, row in enumerate(pq_ids.tolist())])
+        assert np.abs(pq_scores - pq_exact).max() > 1e-3  # ...which PQ's own scores are not
+        want, _ = brute_force(index, q, 10)
+        assert np.mean([len(set(a) & set(b)) for a, b in zip(ids.tolist(), want.tolist(), strict=True)]) >= 9
+
+
+def test_bad_backends_are_refused_and_leave_the_setting(tmp_path):
+    with vector_index(tmp_path, clustered_vectors(100)) as index:
+        index.set_backend("HNSW32")
+        with pytest.raises(ValueError, match="NoSuchIndex"):
+            index.set_backend("NoSuchIndex")
+        with pytest.raises(ValueError, match="refine"):
+            index.set_backend("exact", refine=10)
+        with pytest.raises(
+            ValueError, match="cannot build the approximate index 'IVF64,PQ4' over 100 images"
+        ):
+            index.set_backend("IVF64,PQ4")
+        assert index.backend == "HNSW32" and index.ann_status() == "current"
+        assert index.set_backend("exact") == "exact" and not (index.path / "ann").exists()

@@ -23,7 +23,7 @@ import numpy as np
 from torch import nn
 
 from tokenret.data.revisited import R1MDistractors, RevisitedDataset
-from tokenret.evaluate import evaluate_descriptors, format_results, results_to_json
+from tokenret.evaluate import evaluate_descriptors, evaluate_scores, format_results, results_to_json
 from tokenret.extract import ExtractionConfig, extract_descriptors, model_fingerprint
 from tokenret.models.checkpoints import tokenret_home
 
@@ -89,13 +89,98 @@ def run_benchmark(
         if distractors is not None:
             db = np.concatenate([db, distractors])
         results, top = evaluate_descriptors(db, q, ds.gnd, ks, qe=qe, dba=dba)
-        label = name + ("+R1M" if distractors is not None else "")
-        for line in format_results(label, results):
-            print_fn(line)
-        report["datasets"][label] = {
-            "n_db": len(ds.imlist),
-            "n_queries": len(ds.qimlist),
-            "results": results_to_json(results),
-            "top_ranks": top.T.tolist(),  # per query, database indices best first
-        }
+        _report_dataset(report, name, ds, distractors is not None, results, top, print_fn)
+    return report
+
+
+def _report_dataset(report, name, ds, with_r1m: bool, results, top, print_fn) -> None:
+    label = name + ("+R1M" if with_r1m else "")
+    for line in format_results(label, results):
+        print_fn(line)
+    report["datasets"][label] = {
+        "n_db": len(ds.imlist),
+        "n_queries": len(ds.qimlist),
+        "results": results_to_json(results),
+        "top_ranks": top.T.tolist(),  # per query, database indices best first
+    }
+
+
+def run_local_benchmark(
+    local_model: nn.Module,
+    aggregator: Any,
+    data_root: str | Path,
+    datasets: Sequence[str],
+    config: Any = None,
+    r1m_root: str | Path | None = None,
+    qe: tuple[int, float] | None = None,
+    dba: tuple[int, float] | None = None,
+    ks: Sequence[int] = (1, 5, 10),
+    cache_root: str | Path | None = None,
+    progress: bool = True,
+    print_fn=print,
+) -> dict[str, Any]:
+    """Evaluate local features + an aggregator (ASMK, VLAD, Token) the way :func:`run_benchmark` evaluates
+    a global model: the same datasets, query crops, metrics, printed lines and report.
+
+    Descriptor sets are cached per dataset, local model and extraction settings, so trying another
+    aggregator re-uses them. QE/DBA need global vectors (VLAD, Token), not ASMK.
+    """
+    from tokenret.aggregate.extraction import LocalExtractionConfig, extract_local_sets
+
+    config = config or LocalExtractionConfig()
+    if not aggregator.global_vectors and (qe or dba):
+        raise ValueError(
+            f"--qe/--dba need global vectors; the {aggregator.name} aggregator ranks by its kernel"
+        )
+    cache_root = Path(cache_root) if cache_root else tokenret_home() / "descriptors"
+    model_fp = model_fingerprint(local_model)
+    settings = hashlib.sha256(
+        json.dumps(config.fingerprint(local_model), sort_keys=True).encode()
+    ).hexdigest()
+    cache = cache_root / "local" / f"{model_fp[:16]}-{settings[:12]}"
+
+    def sets_of(paths, boxes, what: str, label: str):
+        return extract_local_sets(
+            local_model, paths, boxes, config, cache / what, progress=progress, desc=label
+        ).store
+
+    distractors = None
+    if r1m_root is not None:
+        distractors = sets_of(R1MDistractors.from_root(r1m_root).image_paths(), None, "revisitop1m", "R1M")
+    report: dict[str, Any] = {
+        "model": getattr(local_model, "model_name", type(local_model).__name__),
+        "model_kwargs": getattr(local_model, "model_kwargs", {}),
+        "model_sha256": model_fp,
+        "extraction": config.fingerprint(local_model),
+        "qe": list(qe) if qe else None,
+        "dba": list(dba) if dba else None,
+        "r1m": len(distractors) if distractors is not None else 0,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "datasets": {},
+    }
+    for name in datasets:
+        ds = RevisitedDataset.from_root(data_root, name)
+        ds.check_images()
+        db_store = sets_of(
+            [ds.image_path(i) for i in range(len(ds.imlist))], None, f"{name}/db", f"{name} database"
+        )
+        q_store = sets_of(
+            [ds.query_path(i) for i in range(len(ds.qimlist))],
+            [ds.query_box(i) for i in range(len(ds.qimlist))],
+            f"{name}/queries",
+            f"{name} queries",
+        )
+        db_sets = [db_store.get(i) for i in range(len(db_store))]
+        if distractors is not None:
+            db_sets += [distractors.get(i) for i in range(len(distractors))]
+        q_sets = [q_store.get(i) for i in range(len(q_store))]
+        aggregator.prepare(db_sets)
+        if aggregator.global_vectors:
+            results, top = evaluate_descriptors(
+                aggregator.encode(db_sets), aggregator.encode(q_sets), ds.gnd, ks, qe=qe, dba=dba
+            )
+        else:
+            results, top = evaluate_scores(aggregator.scores(db_sets, q_sets), ds.gnd, ks)
+        _report_dataset(report, name, ds, distractors is not None, results, top, print_fn)
+    report["aggregator"] = aggregator.settings()
     return report

@@ -52,8 +52,11 @@ def parse_key_values(items: list[str] | None) -> dict[str, object]:
     return out
 
 
+DEFAULT_MODEL = "token_r101"
+
+
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="token_r101", help="registry name (see `tokenret models`)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="registry name (see `tokenret models`)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--checkpoint", help="weights file (released or saved by tokenret)")
     g.add_argument("--pretrained", action="store_true", help="download the released weights once")
@@ -65,7 +68,12 @@ def add_extraction_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--max-size", type=int, default=1024, help="longest image side (never enlarged)")
     p.add_argument(
-        "--scales", type=float, nargs="+", default=list(RELEASE_SCALES), help="multi-scale factors"
+        "--scales",
+        type=float,
+        nargs="+",
+        default=None,
+        help=f"multi-scale factors (default {', '.join(f'{s:.4g}' for s in RELEASE_SCALES)}; "
+        "with --local the extractor's own pyramid)",
     )
     p.add_argument("--batch-size", type=int, default=8, help="images of equal size per forward pass")
     p.add_argument("--workers", type=int, default=2, help="image decoding processes")
@@ -86,11 +94,11 @@ def model_from_args(args: argparse.Namespace):
 
 
 def extraction_config_from_args(args: argparse.Namespace):
-    from tokenret.extract import ExtractionConfig
+    from tokenret.extract import RELEASE_SCALES, ExtractionConfig
 
     return ExtractionConfig(
         max_size=args.max_size,
-        scales=tuple(args.scales),
+        scales=tuple(args.scales) if args.scales else RELEASE_SCALES,
         batch_size=args.batch_size,
         num_workers=args.workers,
         amp=args.amp,
@@ -98,26 +106,181 @@ def extraction_config_from_args(args: argparse.Namespace):
     )
 
 
-def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from tokenret.benchmark import run_benchmark
-
-    model = model_from_args(args)
-    report = run_benchmark(
-        model,
-        args.data_root,
-        args.datasets,
-        extraction_config_from_args(args),
-        r1m_root=args.r1m,
-        qe=tuple(args.qe) if args.qe else None,
-        dba=tuple(args.dba) if args.dba else None,
-        cache_root=args.cache_dir,
-        progress=not args.quiet,
+def add_local_arguments(p: argparse.ArgumentParser, *, required: bool = False) -> None:
+    g = p.add_argument_group("local features (HOW, DELF)")
+    g.add_argument(
+        "--local",
+        required=required,
+        metavar="NAME",
+        help="local-feature extractor: how_r18, how_r50, how_r101, delf_r50",
     )
+    w = g.add_mutually_exclusive_group()
+    w.add_argument("--local-checkpoint", help="its weights (HOW's .pth formats, or a tokenret file)")
+    w.add_argument("--local-pretrained", action="store_true", help="download its released weights once")
+    g.add_argument("--topk", type=int, default=None, help="features kept per image (default: the model's)")
+
+
+def local_model_from_args(args: argparse.Namespace):
+    from tokenret.models.local import create_local_model
+
+    if not args.local_checkpoint and not args.local_pretrained:
+        logging.getLogger("tokenret").warning(
+            "no --local-checkpoint or --local-pretrained: %s has random weights, results are meaningless",
+            args.local,
+        )
+    return create_local_model(args.local, args.local_checkpoint, pretrained=args.local_pretrained)
+
+
+def local_config_from_args(args: argparse.Namespace):
+    from tokenret.aggregate.extraction import LocalExtractionConfig
+
+    return LocalExtractionConfig(
+        max_size=args.max_size,
+        scales=tuple(args.scales) if args.scales else None,
+        topk=args.topk,
+        num_workers=args.workers,
+        device=args.device,
+    )
+
+
+def aggregator_from_args(args: argparse.Namespace):
+    from tokenret.aggregate.aggregators import AsmkAggregator, TokenAggregator, VladAggregator
+    from tokenret.aggregate.codebook import Codebook
+
+    if args.aggregator is None:
+        raise ValueError("--local needs --aggregator asmk, vlad or token")
+    if args.aggregator == "token":
+        if args.model == DEFAULT_MODEL:  # the default global model makes no sense here
+            args.model = f"token_set_{args.local}"
+        return TokenAggregator(model_from_args(args), max_n=args.topk, device=args.device)
+    if args.codebook is None and args.codebook_size is None:
+        raise ValueError(
+            f"--aggregator {args.aggregator} needs --codebook FILE (made by `tokenret codebook` on other "
+            "images) or --codebook-size K (learned from the evaluated database)"
+        )
+    codebook = Codebook.load(args.codebook) if args.codebook else None
+    if args.aggregator == "asmk":
+        return AsmkAggregator(
+            codebook,
+            codebook_size=args.codebook_size,
+            binary=not args.no_binary,
+            alpha=args.alpha,
+            tau=args.tau,
+            query_assignment=args.query_assignment,
+        )
+    return VladAggregator(codebook, codebook_size=args.codebook_size, power=args.vlad_power)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from tokenret.benchmark import run_benchmark, run_local_benchmark
+
+    qe = tuple(args.qe) if args.qe else None
+    dba = tuple(args.dba) if args.dba else None
+    if args.local:
+        aggregator = aggregator_from_args(args)
+        report = run_local_benchmark(
+            local_model_from_args(args),
+            aggregator,
+            args.data_root,
+            args.datasets,
+            local_config_from_args(args),
+            r1m_root=args.r1m,
+            qe=qe,
+            dba=dba,
+            cache_root=args.cache_dir,
+            progress=not args.quiet,
+        )
+        report["local_checkpoint"] = args.local_checkpoint
+    else:
+        if args.aggregator:
+            raise ValueError("--aggregator needs --local NAME (the local features to aggregate)")
+        report = run_benchmark(
+            model_from_args(args),
+            args.data_root,
+            args.datasets,
+            extraction_config_from_args(args),
+            r1m_root=args.r1m,
+            qe=qe,
+            dba=dba,
+            cache_root=args.cache_dir,
+            progress=not args.quiet,
+        )
     report["checkpoint"] = args.checkpoint
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     print(f">> report written to {out}")
+    return 0
+
+
+def _cmd_extract_local(args: argparse.Namespace) -> int:
+    from tokenret.aggregate.extraction import extract_local_sets
+    from tokenret.data.folders import read_class_folders, read_csv_labels
+    from tokenret.data.gldv2 import read_gldv2
+    from tokenret.index.collection import find_images
+
+    if bool(args.images) == bool(args.data_format):
+        raise ValueError("give either --images FOLDER or --data-format FORMAT --data-root ROOT")
+    if args.images:
+        paths = [str(p) for p in find_images(args.images)]
+        labels, ids = None, paths
+    else:
+        if args.data_format == "gldv2":
+            images = read_gldv2(args.data_root, args.gldv2_list)
+        elif args.data_format == "folders":
+            images = read_class_folders(args.data_root)
+        else:
+            if not args.csv:
+                raise ValueError("--data-format csv needs --csv FILE")
+            images = read_csv_labels(args.csv, args.data_root)
+        paths, ids = images.paths, images.ids
+        labels = [images.class_names[c] for c in images.labels]
+    if not paths:
+        raise FileNotFoundError(f"no images found in {args.images or args.data_root}")
+    out = Path(args.out)
+    model = local_model_from_args(args)
+    result = extract_local_sets(
+        model,
+        paths,
+        None,
+        local_config_from_args(args),
+        out / "shards",
+        on_error="record",
+        progress=not args.quiet,
+        desc=args.local,
+    )
+    result.store.save(out / "descriptors")
+    (out / "images.txt").write_text("".join(f"{i}\n" for i in ids))
+    if labels is not None:
+        (out / "labels.txt").write_text("".join(f"{c}\n" for c in labels))
+    (out / "failures.json").write_text(json.dumps({paths[i]: r for i, (_, r) in result.failures.items()}))
+    print(
+        f">> {len(paths) - len(result.failures)} images, {result.store.num_descriptors} descriptors "
+        f"({model.output_dim}-d) written to {out / 'descriptors'}"
+    )
+    if result.failures:
+        print(
+            f">> {len(result.failures)} unreadable image(s) kept as empty sets: see {out / 'failures.json'}"
+        )
+    return 0
+
+
+def _cmd_codebook(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from tokenret.aggregate.codebook import Codebook
+    from tokenret.aggregate.local_store import LocalDescriptorStore
+
+    root = Path(args.sets)
+    store = LocalDescriptorStore.load(root / "descriptors" if (root / "descriptors").is_dir() else root)
+    rng = np.random.default_rng(args.seed)
+    wanted = args.max_descriptors or 256 * args.size
+    n = store.num_descriptors
+    rows = np.sort(rng.choice(n, size=wanted, replace=False)) if n > wanted else np.arange(n)
+    x = np.asarray(store.descriptor_rows(rows), np.float32)
+    codebook = Codebook.train(x, args.size, seed=args.seed)
+    path = codebook.save(args.out)
+    print(f">> {args.size} visual words from {len(x)} of {n} descriptors written to {path}")
     return 0
 
 
@@ -149,17 +312,27 @@ def _cmd_index(args: argparse.Namespace) -> int:
     from tokenret.index.collection import ImageIndex
 
     target = Path(args.target)
-    if args.out is None:  # `tokenret index INDEX --report / --check-recall`
+    if args.out is None:  # `tokenret index INDEX --report / --check-recall / --backend`
         with ImageIndex(target) as index:
+            if args.backend is not None or args.refine is not None:
+                backend = args.backend or index.backend
+                index.set_backend(backend, _refine_from_args(args, backend, index.refine))
+                if not args.json:
+                    print(f">> search: {_describe_backend(index)}")
+                elif not (args.check_recall or args.report):
+                    print(json.dumps(_backend_info(index), indent=1))
+                if not (args.check_recall or args.report):
+                    return 0
             if args.check_recall:
                 from tokenret.index.collection import sampled_recall
 
-                res = sampled_recall(index, args.backend, k=args.k, n_queries=args.n_queries)
+                res = sampled_recall(index, k=args.k, n_queries=args.n_queries)  # the configured backend
+                refine = f" (exact re-ranking of {res['refine']})" if res["refine"] else ""
                 print(
                     json.dumps(res, indent=1)
                     if args.json
-                    else f">> recall@{args.k} of {res['spec']} vs exact on {res['n_queries']} stored images: "
-                    f"{res['recall']:.4f}"
+                    else f">> recall@{res['k']} of {res['spec']}{refine} vs exact on {res['n_queries']} "
+                    f"stored images: {res['recall']:.4f}"
                 )
                 return 0
             failures = index.failures()
@@ -170,6 +343,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
                             "images": len(index),
                             "failed": [list(f) for f in failures],
                             "settings": index.settings,
+                            "search": _backend_info(index),
                         },
                         indent=1,
                     )
@@ -180,6 +354,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
                 print(f"model:      {s['model']} {s['model_kwargs']} ({s['checkpoint']})")
                 print(f"extraction: {s['extraction']}")
                 print(f"images:     {len(index)} searchable, {len(failures)} unreadable")
+                print(f"search:     {_describe_backend(index)}")
                 for path, reason in failures:
                     print(f"  unreadable: {path}: {reason}")
         return 0
@@ -187,17 +362,58 @@ def _cmd_index(args: argparse.Namespace) -> int:
     if (out / "meta.sqlite").exists():
         index = ImageIndex(out)
         model = model_from_args(args) if (args.checkpoint or args.pretrained) else index.load_model()
+        if args.backend is not None or args.refine is not None:
+            backend = args.backend or index.backend
+            # recorded now, built once at the end of the sync below
+            index.set_backend(backend, _refine_from_args(args, backend, index.refine), build=False)
     else:
         model = model_from_args(args)
+        backend = args.backend or "auto"
         index = ImageIndex.create(
-            out, model, extraction_config_from_args(args), checkpoint=args.checkpoint, backend=args.backend
+            out,
+            model,
+            extraction_config_from_args(args),
+            checkpoint=args.checkpoint,
+            backend=backend,
+            refine=_refine_from_args(args, backend, None),
         )
     with index:
         counts = index.sync(target, model, progress=not args.quiet, **_runtime_from_args(args))
         print(">> " + ", ".join(f"{k} {v}" for k, v in counts.items()) + f"; {len(index)} images searchable")
         if counts["failed"]:
             print(f">> {counts['failed']} unreadable file(s): see `tokenret index {out} --report`")
+        if index.backend_spec() != "exact":
+            print(f">> search: {_describe_backend(index)}")
     return 0
+
+
+def _refine_from_args(args: argparse.Namespace, backend: str, current: int | None) -> int | None:
+    """--refine K (0: none); without it the current value stays, unless the backend becomes exact."""
+    from tokenret.index.base import is_exact_spec
+
+    if args.refine is not None:
+        return args.refine or None
+    return None if is_exact_spec(backend) else current
+
+
+def _backend_info(index) -> dict[str, object]:
+    return {
+        "backend": index.backend,
+        "spec": index.backend_spec(),
+        "refine": index.refine,
+        "ann": index.ann_status(),
+    }
+
+
+def _describe_backend(index) -> str:
+    """E.g. 'HNSW32, exact re-ranking of 200 candidates; approximate index current'."""
+    info = _backend_info(index)
+    text = info["spec"] if info["spec"] == info["backend"] else f"{info['spec']} (backend {info['backend']})"
+    if info["refine"]:
+        text += f", exact re-ranking of {info['refine']} candidates"
+    if info["ann"] != "exact":
+        text += f"; approximate index {info['ann']}"
+    return text
 
 
 def _parse_box(text: str | None):
@@ -275,6 +491,19 @@ def _cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from tokenret.serve import serve
+
+    try:
+        serve(args.index, host=args.host, port=args.port, checkpoint=args.checkpoint, device=args.device)
+    except OSError as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        print(f"tokenret: error: cannot serve on {args.host}:{args.port}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _cmd_duplicates(args: argparse.Namespace) -> int:
     from tokenret.index.collection import ImageIndex
     from tokenret.index.duplicates import find_duplicate_groups
@@ -319,7 +548,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="descriptor cache (default $TOKENRET_HOME/descriptors)")
     p.add_argument("--output", default="tokenret-evaluate.json", help="JSON report path")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_local_arguments(p)
+    g = p.add_argument_group("aggregating local features (with --local)")
+    g.add_argument(
+        "--aggregator",
+        choices=["asmk", "vlad", "token"],
+        help="asmk: ASMK* as HOW; vlad; token: a token_set_* model (--model/--checkpoint)",
+    )
+    g.add_argument("--codebook", help="visual words for asmk/vlad (`tokenret codebook`)")
+    g.add_argument("--codebook-size", type=int, help="learn a codebook of K words from the database instead")
+    g.add_argument("--no-binary", action="store_true", help="ASMK with float residuals instead of ASMK*")
+    g.add_argument("--alpha", type=float, default=3.0, help="ASMK selectivity exponent")
+    g.add_argument("--tau", type=float, default=0.0, help="ASMK similarity threshold")
+    g.add_argument("--query-assignment", type=int, default=5, help="ASMK visual words per query descriptor")
+    g.add_argument("--vlad-power", type=float, default=None, help="VLAD signed power normalisation")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser(
+        "extract-local",
+        help="local descriptor sets of a training set or a folder (for `tokenret train` and `codebook`)",
+    )
+    add_local_arguments(p, required=True)
+    p.add_argument("--images", help="a folder of images (no labels), searched recursively")
+    p.add_argument("--data-format", choices=["gldv2", "folders", "csv"], help="a labelled training set")
+    p.add_argument("--data-root", help="its folder (gldv2: the GLDv2 root; folders: one folder per class)")
+    p.add_argument("--csv", help="for --data-format csv: rows of path,label")
+    p.add_argument("--gldv2-list", default="train_clean.csv", help="for gldv2: the list file")
+    p.add_argument("--out", required=True, help="output folder: descriptors/, labels.txt, images.txt")
+    p.add_argument("--max-size", type=int, default=1024, help="longest image side (never enlarged)")
+    p.add_argument("--scales", type=float, nargs="+", default=None, help="pyramid (default: the model's)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--device", default=None)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_extract_local)
+
+    p = sub.add_parser("codebook", help="learn visual words (k-means) for ASMK / VLAD from extracted sets")
+    p.add_argument("sets", help="a folder written by `tokenret extract-local`")
+    p.add_argument("--size", type=int, default=65536, help="number of words (HOW/ASMK: 65536)")
+    p.add_argument(
+        "--max-descriptors", type=int, default=None, help="sample at most this many (default 256/word)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="codebook file (.npy)")
+    p.set_defaults(func=_cmd_codebook)
 
     p = sub.add_parser("show-results", help="PNG of the top-k per query from an evaluate report")
     p.add_argument("--report", required=True, help="JSON written by `tokenret evaluate`")
@@ -335,8 +606,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", help="PHOTOS folder to index (with --out), or an INDEX to report on")
     p.add_argument("--out", help="index directory to create or update")
     p.add_argument("--report", action="store_true", help="list settings and unreadable files")
-    p.add_argument("--check-recall", action="store_true", help="recall@k of the approximate index vs exact")
-    p.add_argument("--backend", default="exact", help="'exact' (default) or a FAISS factory string")
+    p.add_argument(
+        "--check-recall", action="store_true", help="recall@k of the index's search backend vs exact search"
+    )
+    p.add_argument(
+        "--backend",
+        default=None,
+        help="search backend to record: auto (new indexes: exact up to 200k images, then IVF-PQ), exact, "
+        "or a FAISS factory string such as HNSW32 or IVF4096_HNSW32,PQ64",
+    )
+    p.add_argument(
+        "--refine",
+        type=int,
+        default=None,
+        metavar="K",
+        help="re-score the best K FAISS candidates exactly against the stored vectors (0: off)",
+    )
     p.add_argument("-k", "--k", type=int, default=100, help="k for --check-recall")
     p.add_argument("--n-queries", type=int, default=100, help="sampled queries for --check-recall")
     p.add_argument("--json", action="store_true")
@@ -369,6 +654,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="tokenret-show", help="output folder")
     p.add_argument("--device", default=None)
     p.set_defaults(func=_cmd_show)
+
+    p = sub.add_parser("serve", help="HTTP API and web page to search an index")
+    p.add_argument("index")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (0.0.0.0: all interfaces, no authentication)",
+    )
+    p.add_argument("--port", type=int, default=8080, help="port (0: any free one)")
+    p.add_argument("--checkpoint", help="the index's weights, if the recorded file moved")
+    p.add_argument("--device", default=None, help="where queries are described (default: cuda if available)")
+    p.set_defaults(func=_cmd_serve)
 
     from tokenret.train.command import add_parser as add_train_parser
 

@@ -352,6 +352,23 @@ def evaluate_descriptors(
     return _merge_chunks(parts, _check_ks(ks)), np.concatenate(tops, axis=1)
 
 
+def evaluate_scores(
+    scores: np.ndarray, gnd: Sequence[Mapping[str, Any]], ks: Sequence[int] = (1, 5, 10), keep_top: int = 100
+) -> tuple[dict[str, dict[str, Any]], np.ndarray]:
+    """Score a ranking given by a similarity matrix (n_db, n_queries), e.g. ASMK's; higher is better.
+
+    Returns:
+        As :func:`evaluate_descriptors`: results per protocol and the top ``keep_top`` ranks (keep, n_q).
+    """
+    scores = np.asarray(scores)
+    if scores.ndim != 2 or scores.shape[1] != len(gnd):
+        raise ValueError(f"scores must be (n_db, {len(gnd)} queries), got shape {scores.shape}")
+    if np.isnan(scores).any():
+        raise ValueError("scores contain NaN: refusing to rank")
+    ranks = ranks_from_scores(scores)
+    return compute_revisited_map(ranks, gnd, ks), ranks[:keep_top]
+
+
 def results_to_json(results: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """JSON-ready copy of results: mAP and mP@k x100 rounded to 2 decimals, per-query AP as lists."""
 

@@ -37,7 +37,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from tokenret.data.images import ImageLoadError, load_image, to_tensor
+from tokenret.data.images import IMAGENET_MEAN, IMAGENET_STD, ImageLoadError, load_image, to_tensor
+from tokenret.models.fuse import fold_batchnorm
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,8 @@ class ExtractionConfig:
         num_workers: DataLoader processes that decode images.
         amp: "off", "bf16" (CPU or GPU) or "fp16" (GPU only) autocast for the forward pass.
         channels_last: NHWC memory format (1.3-1.9x faster convolutions on CPU and GPU).
+        fold_batchnorm: run an inference copy with BatchNorms folded into the convolutions (same
+            descriptors to float rounding; about 1.5x faster on CPU, see ``tokenret.models.fuse``).
         device: "cpu", "cuda", "cuda:1", ... (default: cuda when available).
         shard_size: images per shard file when writing to disk.
     """
@@ -68,6 +71,7 @@ class ExtractionConfig:
     num_workers: int = 2
     amp: str = "off"
     channels_last: bool = True
+    fold_batchnorm: bool = True
     device: str | None = None
     shard_size: int = 1000
 
@@ -141,19 +145,28 @@ def multiscale_descriptor(model: nn.Module, images: torch.Tensor, scales: Sequen
 class ImageList(Dataset):
     """Loads (and for queries crops) images; a failure is returned, not raised, so the loop can record it."""
 
-    def __init__(self, paths: Sequence[str | Path], boxes: Sequence[Box | None] | None, max_size: int | None):
+    def __init__(
+        self,
+        paths: Sequence[str | Path],
+        boxes: Sequence[Box | None] | None,
+        max_size: int | None,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ):
         self.paths = [str(p) for p in paths]
         self.boxes = list(boxes) if boxes is not None else [None] * len(self.paths)
         if len(self.boxes) != len(self.paths):
             raise ValueError(f"{len(self.paths)} paths but {len(self.boxes)} boxes")
         self.max_size = max_size
+        self.mean, self.std = tuple(mean), tuple(std)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
         try:
-            return i, to_tensor(load_image(self.paths[i], self.max_size, self.boxes[i])), None
+            image = load_image(self.paths[i], self.max_size, self.boxes[i])
+            return i, to_tensor(image, self.mean, self.std), None
         except ImageLoadError as e:
             return i, None, str(e.reason) if hasattr(e, "reason") else str(e)
 
@@ -267,8 +280,10 @@ def extract_descriptors(
         raise ValueError("on_error must be 'raise' or 'record'")
     device = config.resolved_device()
     model = model.eval().to(device)
+    # the descriptors are identified by the model as given; the forward passes may use a folded copy
+    network = fold_batchnorm(model) if config.fold_batchnorm else model
     if config.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        network = network.to(memory_format=torch.channels_last)
     dim = int(model.descriptor_dim)
     dataset = ImageList(paths, boxes, config.max_size)
     n = len(dataset)
@@ -279,7 +294,7 @@ def extract_descriptors(
                 "distributed extraction needs out_dir (shards are merged through the file system)"
             )
         with tqdm(total=n, desc=desc, unit="img", disable=not progress) as bar:
-            desc_arr, failures = _extract_range(model, dataset, range(n), config, device, dim, bar)
+            desc_arr, failures = _extract_range(network, dataset, range(n), config, device, dim, bar)
         return _finish(ExtractionResult(desc_arr, failures), on_error)
 
     store = ShardStore(Path(out_dir), n, config.shard_size)
@@ -304,7 +319,7 @@ def extract_descriptors(
         total=total, initial=done_images, desc=desc, unit="img", disable=not progress or rank != 0
     ) as bar:
         for s in todo:
-            arr, failures = _extract_range(model, dataset, store.shard_range(s), config, device, dim, bar)
+            arr, failures = _extract_range(network, dataset, store.shard_range(s), config, device, dim, bar)
             store.write(s, arr, failures)
     if world > 1:
         dist.barrier()

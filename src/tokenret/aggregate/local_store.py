@@ -97,6 +97,11 @@ class LocalDescriptorStore:
         self._merge()
         return np.asarray(self._strengths[self._offsets[i] : self._offsets[i + 1]], np.float32)
 
+    def descriptor_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Descriptors at positions ``rows`` of the flat (sum N_i, C) array (e.g. a sample for k-means)."""
+        self._merge()
+        return np.asarray(self._descriptors[np.asarray(rows, np.int64)], np.float32)
+
     def __getitem__(self, i: int) -> np.ndarray:
         return self.get(i)
 
@@ -108,6 +113,26 @@ class LocalDescriptorStore:
                 decreasing attention).
         """
         return pad_sets([self.get(i) for i in indices], max_n=max_n)
+
+    @classmethod
+    def concatenate(cls, stores: Sequence[LocalDescriptorStore]) -> LocalDescriptorStore:
+        """One store holding the images of ``stores`` in order (descriptors copied into memory)."""
+        if not stores:
+            raise ValueError("no stores to concatenate")
+        dims = {s.dim for s in stores}
+        kinds = {s.with_strengths for s in stores}
+        if len(dims) != 1 or len(kinds) != 1:
+            raise ValueError(f"stores differ in dimension {sorted(dims)} or in keeping strengths")
+        out = cls(dims.pop(), with_strengths=kinds.pop())
+        offsets = [0]
+        for s in stores:
+            s._merge()
+            offsets += (np.asarray(s._offsets[1:], np.int64) + offsets[-1]).tolist()
+        out._descriptors = np.concatenate([np.asarray(s._descriptors) for s in stores])
+        if out.with_strengths:
+            out._strengths = np.concatenate([np.asarray(s._strengths) for s in stores])
+        out._offsets = offsets
+        return out
 
     # -- persistence --------------------------------------------------------------------------
 

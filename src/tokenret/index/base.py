@@ -301,13 +301,18 @@ def make_index(spec: str, dim: int, **options: Any) -> VectorIndex:
     """
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"index spec must be a non-empty string such as 'Flat' or 'HNSW32', got {spec!r}")
-    if spec.strip().lower() in _EXACT_SPECS:
+    if is_exact_spec(spec):
         from tokenret.index.exact import ExactIndex
 
         return ExactIndex(dim, **options)
     from tokenret.index.faiss_index import FaissIndex
 
     return FaissIndex(spec.strip(), dim, **options)
+
+
+def is_exact_spec(spec: str) -> bool:
+    """True for the specs :func:`make_index` maps to the exact index (``"Flat"``, ``"exact"``, any case)."""
+    return spec.strip().lower() in _EXACT_SPECS
 
 
 def choose_index_spec(n: int, dim: int) -> str:

@@ -6,12 +6,23 @@ Layout of an index directory::
                     path, size, mtime, status ('ok' / 'failed'), error, row in the vector file
     vectors.f16     float16 descriptors, one row of dim values per stored image (append-only)
     model.pth       the model's weights, only when they came from no file (e.g. random or torchvision)
-    ann/            an approximate (FAISS) index built from the vectors, when one is asked for
+    ann/            the approximate (FAISS) index built from the vectors, when the backend is one:
+                    a saved FaissIndex (index.json, index.faiss, ids.npy) and state.json, which names
+                    the backend, the spec, the number of images and a fingerprint of the image set it covers
 
 Adding is incremental and crash-safe: images are described in chunks; each chunk's vectors are appended
 and flushed before the transaction that records them commits, so an interruption loses at most the chunk
 in progress, and the next run continues. Changed files (size or mtime) are re-described, deleted ones
 dropped; unreadable files are recorded with the reason (``failures()``), never skipped in silence.
+
+How searches run is a setting, :meth:`ImageIndex.set_backend`: ``"exact"`` scans the memory-mapped
+float16 vectors; ``"auto"`` (the default) does so up to :data:`~tokenret.index.base.EXACT_SEARCH_LIMIT`
+images and uses :func:`~tokenret.index.base.choose_index_spec`'s IVF-PQ above; a FAISS factory string
+(``"HNSW32"``, ``"IVF4096_HNSW32,PQ64"``) asks for that index. With ``refine=K`` the best K FAISS
+candidates are re-scored exactly against the stored vectors. The FAISS index covers one state of the
+image set; any addition, change or removal makes it stale, and a stale one is never searched:
+``add_paths`` / ``sync`` rebuild it at their end, and a search that finds it stale (images removed with
+``remove_paths``, or the index changed by another process) rebuilds it first, saying so in the log.
 
 Example:
     >>> model = tokenret.create_model("token_r101", checkpoint="R101-Token.pth")          # doctest: +SKIP
@@ -23,9 +34,12 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import secrets
+import shutil
 import sqlite3
 import time
 from collections.abc import Iterable, Sequence
@@ -36,9 +50,18 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from tokenret.index.base import choose_index_spec, is_exact_spec
+
 log = logging.getLogger(__name__)
 
 FORMAT = "tokenret-image-index-v1"
+#: Folder of the approximate (FAISS) index inside an index directory, and its state file.
+ANN_DIR = "ann"
+ANN_STATE = "state.json"
+#: HNSW search breadth of HNSW backends (faiss's default, 16, misses neighbours already at k = 10).
+HNSW_EF_SEARCH = 128
+#: Vectors upcast to float32 and added to a FAISS index at a time while it is built.
+_BUILD_CHUNK = 65536
 IMAGE_EXTENSIONS = frozenset(
     ".jpg .jpeg .png .bmp .gif .tif .tiff .webp .ppm .pgm .pbm .jfif .heic .avif".split()
 )
@@ -82,11 +105,32 @@ class ImageIndex:
                 f"{self.path} is not a tokenret index (no meta.sqlite); create one with "
                 "`tokenret index PHOTOS --out INDEX`"
             )
-        self.db = sqlite3.connect(db)
-        self.settings = {k: json.loads(v) for k, v in self.db.execute("SELECT key, value FROM settings")}
+        # one connection, usable from the thread that serves a request; callers serialise access
+        self.db = sqlite3.connect(db, check_same_thread=False)
+        self.settings = self._read_settings()
         if self.settings.get("format") != FORMAT:
             raise IndexMismatchError(f"{db}: unknown index format {self.settings.get('format')!r}")
         self.dim = int(self.settings["dim"])
+        self._state: tuple[int, str, int] | None = None  # (sqlite data_version, fingerprint, images)
+        self._exact: tuple[tuple, Any] | None = None  # (content and file key, ExactIndex over the file)
+        self._ann: tuple[dict[str, Any], Any] | None = None  # (what it covers, FaissIndex)
+
+    def _read_settings(self) -> dict[str, Any]:
+        return {k: json.loads(v) for k, v in self.db.execute("SELECT key, value FROM settings")}
+
+    def _write_settings(self, **values: Any) -> None:
+        with self.db:
+            self.db.executemany(
+                "INSERT OR REPLACE INTO settings VALUES (?, ?)",
+                [(k, json.dumps(v)) for k, v in values.items()],
+            )
+        self.settings.update(values)
+        self._changed()
+
+    def _changed(self) -> None:
+        """Forget what was derived from the contents (this connection's own writes leave data_version)."""
+        self._state = None
+        self._exact = None
 
     # -- creation ------------------------------------------------------------------------------
 
@@ -97,13 +141,18 @@ class ImageIndex:
         model: Any,
         config: Any = None,
         checkpoint: str | Path | None = None,
-        backend: str = "exact",
+        backend: str = "auto",
+        refine: int | None = None,
     ) -> ImageIndex:
-        """A new empty index for descriptors of ``model`` made with extraction ``config``."""
+        """A new empty index for descriptors of ``model`` made with extraction ``config``.
+
+        ``backend`` and ``refine`` choose how searches run (see :meth:`set_backend`).
+        """
         from tokenret.extract import ExtractionConfig, model_fingerprint
         from tokenret.models.checkpoints import save_checkpoint, sha256sum
 
         config = config or ExtractionConfig()
+        backend, refine = check_backend(backend, refine, int(model.descriptor_dim))
         path = Path(path)
         if (path / "meta.sqlite").exists():
             raise FileExistsError(f"{path} already holds an index; open it with ImageIndex(path)")
@@ -121,6 +170,7 @@ class ImageIndex:
             "checkpoint_sha256": sha256sum(checkpoint),
             "extraction": config.fingerprint(),
             "backend": backend,
+            "refine": refine,
             "created": time.time(),
         }
         db = sqlite3.connect(path / "meta.sqlite")
@@ -171,18 +221,28 @@ class ImageIndex:
                 f"not {config.fingerprint()}"
             )
 
-    def load_model(self) -> Any:
-        """Rebuild the index's model from its recorded checkpoint and check it is the same."""
+    def load_model(self, checkpoint: str | Path | None = None) -> Any:
+        """Rebuild the index's model from its recorded checkpoint and check it is the same.
+
+        Args:
+            checkpoint: another copy of the weights (the recorded file moved or was converted); the
+                model built from it must still match the index's model fingerprint.
+        """
         from tokenret.models.checkpoints import sha256sum
         from tokenret.models.registry import create_model
 
-        ckpt = Path(self.settings["checkpoint"])
-        if not ckpt.is_file():
-            raise FileNotFoundError(
-                f"the index's weights {ckpt} are gone; pass the same file with --checkpoint"
-            )
-        if sha256sum(ckpt) != self.settings["checkpoint_sha256"]:
-            raise IndexMismatchError(f"{ckpt} changed since the index was made (sha256 differs)")
+        if checkpoint is not None:
+            ckpt = Path(checkpoint)
+            if not ckpt.is_file():
+                raise FileNotFoundError(f"no such weights file: {ckpt}")
+        else:
+            ckpt = Path(self.settings["checkpoint"])
+            if not ckpt.is_file():
+                raise FileNotFoundError(
+                    f"the index's weights {ckpt} are gone; pass the same file with --checkpoint"
+                )
+            if sha256sum(ckpt) != self.settings["checkpoint_sha256"]:
+                raise IndexMismatchError(f"{ckpt} changed since the index was made (sha256 differs)")
         model = create_model(self.settings["model"], checkpoint=ckpt, **self.settings["model_kwargs"])
         self.check_model(model)
         return model
@@ -194,6 +254,13 @@ class ImageIndex:
 
     def paths(self) -> list[str]:
         return [r[0] for r in self.db.execute("SELECT path FROM images WHERE status = 'ok' ORDER BY id")]
+
+    def image_path(self, image_id: int) -> str | None:
+        """Path of the searchable image with this id, None when no such image is in the index."""
+        row = self.db.execute(
+            "SELECT path FROM images WHERE id = ? AND status = 'ok'", (int(image_id),)
+        ).fetchone()
+        return row[0] if row else None
 
     def failures(self) -> list[tuple[str, str]]:
         """(path, reason) of every file that could not be read."""
@@ -217,12 +284,18 @@ class ImageIndex:
     # -- changing ------------------------------------------------------------------------------
 
     def remove_paths(self, paths: Iterable[str | Path]) -> int:
-        """Drop images (their vector rows become free space, reclaimed by :meth:`compact`)."""
+        """Drop images (their vector rows become free space, reclaimed by :meth:`compact`).
+
+        An approximate index then no longer covers the images: the next search (or ``add_paths``,
+        ``sync``, :meth:`update_ann`) rebuilds it.
+        """
         keys = [(str(Path(p).resolve()),) for p in paths]
         with self.db:
             before = self.db.total_changes
             self.db.executemany("DELETE FROM images WHERE path = ?", keys)
-            return self.db.total_changes - before
+            removed = self.db.total_changes - before
+        self._changed()
+        return removed
 
     def _stat(self, p: Path) -> tuple[int, int]:
         st = p.stat()
@@ -237,6 +310,8 @@ class ImageIndex:
         **runtime: Any,
     ) -> dict[str, int]:
         """Describe and store images that are new or changed since they were stored.
+
+        At the end the approximate index, if the backend uses one, is rebuilt to cover the images.
 
         Returns counts: added, updated, unchanged, failed.
         """
@@ -267,6 +342,44 @@ class ImageIndex:
                 )
                 self._store(part, readable, result, known, counts)
                 bar.update(len(part))
+        self.update_ann()
+        return counts
+
+    def add_descriptors(self, paths: Sequence[str | Path], descriptors: np.ndarray) -> dict[str, int]:
+        """Store descriptors made elsewhere for these image files, as if :meth:`add_paths` had made them.
+
+        For descriptors extracted apart, e.g. by a sharded multi-GPU ``extract_descriptors`` run with the
+        index's model and ``extraction_config()``: the caller vouches that they were made that way. The files
+        must exist (their size and mtime let ``sync`` skip them later).
+
+        Returns counts: added, updated (the approximate index is rebuilt as after ``add_paths``).
+        """
+        from tokenret.extract import ExtractionResult
+
+        x = np.asarray(descriptors, dtype=np.float32)
+        if x.ndim != 2 or x.shape != (len(paths), self.dim):
+            raise ValueError(
+                f"need one {self.dim}-d descriptor per path: {len(paths)} paths, {x.shape} array"
+            )
+        if not np.isfinite(x).all():
+            raise ValueError("descriptors contain NaN or infinite values")
+        resolved = [Path(p).resolve() for p in paths]
+        if len(set(resolved)) != len(resolved):
+            raise ValueError("paths repeat: each image can have one descriptor")
+        part = []
+        for p in resolved:
+            try:
+                part.append((p, self._stat(p), None))
+            except OSError as e:
+                raise FileNotFoundError(f"cannot add a descriptor for {p}: {e}") from e
+        known = {p: (s, m) for p, s, m in self.db.execute("SELECT path, size, mtime_ns FROM images")}
+        counts = {"added": 0, "updated": 0, "failed": 0}
+        for start in range(0, len(part), _BUILD_CHUNK):
+            chunk = part[start : start + _BUILD_CHUNK]
+            result = ExtractionResult(x[start : start + _BUILD_CHUNK])
+            self._store(chunk, chunk, result, known, counts)
+        self.update_ann()
+        del counts["failed"]
         return counts
 
     def _store(self, part, readable, result, known, counts) -> None:
@@ -303,6 +416,7 @@ class ImageIndex:
                 "row=excluded.row, updated=excluded.updated",
                 records,
             )
+        self._changed()
 
     def sync(self, folder: str | Path, model: Any, progress: bool = True, **runtime: Any) -> dict[str, int]:
         """Make the index match ``folder``: add new images, re-describe changed ones, drop deleted ones."""
@@ -333,6 +447,218 @@ class ImageIndex:
                 "UPDATE images SET row = ? WHERE id = ?",
                 [(int(r), int(i)) for r, i in zip(range(len(ids)), ids, strict=True)],
             )
+        self._changed()
+
+    # -- search backend ---------------------------------------------------------------------------
+
+    @property
+    def backend(self) -> str:
+        """The recorded backend: ``"auto"``, ``"exact"`` or a FAISS factory string."""
+        return self.settings.get("backend", "exact")
+
+    @property
+    def refine(self) -> int | None:
+        """FAISS candidates re-scored exactly per query (None: FAISS scores as they are)."""
+        return self.settings.get("refine")
+
+    def backend_spec(self, n: int | None = None) -> str:
+        """The spec searches use for ``n`` images (default: the current number): "exact" or a FAISS string."""
+        return resolve_backend(self.backend, self._content_state()[1] if n is None else n, self.dim)
+
+    def set_backend(self, spec: str = "auto", refine: int | None = None, build: bool = True) -> str:
+        """Record how searches run, and build the approximate index it needs.
+
+        Args:
+            spec: ``"exact"`` (or ``"Flat"``): scan every stored vector; ``"auto"``: exact up to
+                :data:`~tokenret.index.base.EXACT_SEARCH_LIMIT` images, then the IVF-PQ spec of
+                :func:`~tokenret.index.base.choose_index_spec`; anything else: a FAISS factory string
+                (``"HNSW32"``, ``"IVF4096,PQ64"``; ``"IDMap,Flat"`` is FAISS's own brute force).
+            refine: re-score the best ``refine`` FAISS candidates of each query exactly against the stored
+                vectors (needs an approximate backend); None returns FAISS's scores.
+            build: build the FAISS index now (when there are images); otherwise the next
+                ``add_paths`` / ``sync`` / search does.
+
+        Returns:
+            The spec in use at the current size.
+
+        Raises:
+            ValueError: FAISS cannot build ``spec``, or too few images to train it (the setting is then
+                left as it was).
+
+        Example:
+            >>> index.set_backend("HNSW32", refine=200)   # doctest: +SKIP
+            'HNSW32'
+        """
+        spec, refine = check_backend(spec, refine, self.dim)
+        if build:  # before recording it: a failed build leaves the old backend working
+            self._update_ann(self._wanted_ann(spec))
+        self._write_settings(backend=spec, refine=refine)
+        if self.backend_spec() == "exact":
+            self._drop_ann()
+        return self.backend_spec()
+
+    def _content_state(self) -> tuple[str, int]:
+        """(fingerprint of the searchable image set, its size), recomputed only after a change.
+
+        The fingerprint covers the ids and when each image was last described: any addition,
+        re-description or removal changes it. SQLite's data_version tells when another connection (a
+        running ``tokenret index``, say) committed something; this connection's own writes call
+        :meth:`_changed`.
+        """
+        version = self.db.execute("PRAGMA data_version").fetchone()[0]
+        if self._state is None or self._state[0] != version:
+            self.settings = self._read_settings()  # another process may have changed the backend
+            row = self.db.execute(
+                "SELECT COUNT(*), MAX(id), TOTAL(id), MAX(updated), TOTAL(updated) FROM images "
+                "WHERE status = 'ok'"
+            ).fetchone()
+            fingerprint = hashlib.sha256(json.dumps(list(row)).encode()).hexdigest()
+            self._state = (version, fingerprint, int(row[0]))
+        return self._state[1], self._state[2]
+
+    def _wanted_ann(self, backend: str | None = None) -> dict[str, Any] | None:
+        """What a current approximate index for ``backend`` (default: the recorded one) must cover.
+
+        None when searches are exact (or there is nothing to search).
+        """
+        fingerprint, n = self._content_state()
+        backend = self.backend if backend is None else backend
+        spec = resolve_backend(backend, n, self.dim)
+        if spec == "exact" or n == 0:
+            return None
+        return {"backend": backend, "spec": spec, "dim": self.dim, "n": n, "fingerprint": fingerprint}
+
+    def ann_status(self) -> str:
+        """``"exact"`` (no approximate index needed), ``"current"``, ``"stale"`` or ``"missing"``."""
+        want = self._wanted_ann()
+        if want is None:
+            return "exact"
+        state = self._read_ann_state()
+        if state is None:
+            return "missing"
+        return "current" if all(state.get(k) == v for k, v in want.items()) else "stale"
+
+    def update_ann(self) -> bool:
+        """Build and save the approximate index unless the saved one covers the current images.
+
+        Returns:
+            True if it was (re)built.
+        """
+        return self._update_ann(self._wanted_ann())
+
+    def _update_ann(self, want: dict[str, Any] | None) -> bool:
+        if want is None:
+            return False
+        if self._ann is not None and self._ann[0] == want:
+            return False
+        state = self._read_ann_state()
+        if state is not None and all(state.get(k) == v for k, v in want.items()):
+            return False
+        log.info("building the approximate index %s over %d images in %s", want["spec"], want["n"], self.path)
+        self._ann = (want, self._build_ann(want))
+        return True
+
+    def ann_index(self) -> Any:
+        """The FAISS index over the current images (loaded, or rebuilt when stale); None for exact search."""
+        want = self._wanted_ann()
+        if want is None:
+            return None
+        if self._ann is not None and self._ann[0] == want:
+            return self._ann[1]
+        ann = self._load_ann(want)
+        if ann is None:
+            state = self._read_ann_state()
+            log.warning(
+                "%s: the approximate index %s, rebuilding it over %d images before searching",
+                self.path,
+                "is missing" if state is None else "is out of date (images added, changed or removed)",
+                want["n"],
+            )
+            ann = self._build_ann(want)
+        self._ann = (want, ann)
+        return ann
+
+    def _read_ann_state(self) -> dict[str, Any] | None:
+        f = self.path / ANN_DIR / ANN_STATE
+        try:
+            state = json.loads(f.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as err:
+            log.warning("%s is unreadable (%s); the approximate index will be rebuilt", f, err)
+            return None
+        return state if isinstance(state, dict) else None
+
+    def _load_ann(self, want: dict[str, Any]) -> Any:
+        """The saved FAISS index if it covers ``want``, else None."""
+        from tokenret.index.base import IndexFormatError, load_index
+
+        state = self._read_ann_state()
+        if state is None or any(state.get(k) != v for k, v in want.items()):
+            return None
+        try:
+            ann = load_index(self.path / ANN_DIR)
+        except (IndexFormatError, OSError, RuntimeError) as err:
+            log.warning("%s cannot be loaded (%s); rebuilding it", self.path / ANN_DIR, err)
+            return None
+        if ann.ntotal != want["n"] or self._read_ann_state() != state:  # replaced while we read it
+            return None
+        return ann
+
+    def _build_ann(self, want: dict[str, Any]) -> Any:
+        """Build the FAISS index over the stored vectors, save it under ``ann/`` and return it."""
+        from tokenret.index.faiss_index import FaissIndex
+
+        vecs, ids, rows = self.vectors()
+        spec = want["spec"]
+        ann = FaissIndex(spec, self.dim)
+        if ann.is_hnsw:
+            ann.set_search_params(efSearch=HNSW_EF_SEARCH)
+        n = len(ids)
+        if not ann.is_trained:
+            cap = max(ann.train_points_per_list * ann.nlist, _BUILD_CHUNK)
+            pick = np.sort(np.random.default_rng(ann.seed).choice(n, min(n, cap), replace=False))
+            try:
+                ann.train(np.asarray(vecs[rows[pick]], dtype=np.float32))
+            except ValueError as err:
+                raise ValueError(
+                    f"{self.path}: cannot build the approximate index {spec!r} over {n} images: {err} "
+                    "(set another backend: `tokenret index INDEX --backend auto`, 'exact' or 'HNSW32')"
+                ) from err
+        for start in range(0, n, _BUILD_CHUNK):
+            ann.add(
+                np.asarray(vecs[rows[start : start + _BUILD_CHUNK]], dtype=np.float32),
+                ids[start : start + _BUILD_CHUNK],
+            )
+        self._save_ann(ann, {**want, "rows": int(len(vecs)), "built": time.time()})
+        return ann
+
+    def _save_ann(self, ann: Any, state: dict[str, Any]) -> None:
+        """Write ``ann/`` by renaming a finished folder into place, so a reader never sees half of it."""
+        tmp = self.path / f".ann-new-{os.getpid()}-{secrets.token_hex(4)}"
+        old = self.path / f".ann-old-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            ann.save(tmp)
+            (tmp / ANN_STATE).write_text(json.dumps(state, indent=1) + "\n")
+            try:
+                os.replace(self.path / ANN_DIR, old)
+            except FileNotFoundError:
+                pass  # first build, or another process is swapping its own build in
+            os.replace(tmp, self.path / ANN_DIR)
+        except OSError as err:
+            log.warning(
+                "could not save the approximate index in %s (%s): it is searched from memory this time",
+                self.path / ANN_DIR,
+                err,
+            )
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _drop_ann(self) -> None:
+        self._ann = None
+        if (self.path / ANN_DIR).exists():
+            shutil.rmtree(self.path / ANN_DIR)
 
     # -- searching ------------------------------------------------------------------------------
 
@@ -340,24 +666,64 @@ class ImageIndex:
         """An exact search index over the stored vectors, read in place from the memory-mapped file."""
         from tokenret.index.exact import ExactIndex
 
+        fingerprint, _ = self._content_state()
+        st = (self.path / "vectors.f16").stat()
+        key = (fingerprint, st.st_ino, st.st_size, st.st_mtime_ns)
+        if self._exact is not None and self._exact[0] == key:
+            return self._exact[1]
         vecs, ids, rows = self.vectors()
         if vecs is None or len(ids) == 0:
-            return ExactIndex(self.dim)
-        row_ids = np.full(len(vecs), -1, dtype=np.int64)
-        alive = np.zeros(len(vecs), dtype=bool)
-        row_ids[rows], alive[rows] = ids, True  # rows of removed or re-described images stay dead
-        return ExactIndex.from_arrays(vecs, row_ids, alive)
+            index = ExactIndex(self.dim)
+        else:
+            row_ids = np.full(len(vecs), -1, dtype=np.int64)
+            alive = np.zeros(len(vecs), dtype=bool)
+            row_ids[rows], alive[rows] = ids, True  # rows of removed or re-described images stay dead
+            index = ExactIndex.from_arrays(vecs, row_ids, alive)
+        self._exact = (key, index)
+        return index
 
-    def search(self, queries: np.ndarray, k: int = 20) -> list[list[SearchHit]]:
-        """Nearest stored images of each query descriptor (rows of ``queries``), best first."""
-        queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
-        index = self.vector_index()
-        if index.ntotal == 0:
-            return [[] for _ in queries]
-        scores, ids = index.search(queries, min(k, index.ntotal))
-        path_of = dict(self.db.execute("SELECT id, path FROM images WHERE status = 'ok'"))
+    def knn(self, queries: np.ndarray, k: int, exact: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids) of the ``k`` nearest stored images of each query row, by the configured backend.
+
+        At most as many columns as images; rows padded with -inf / -1 where a backend found fewer.
+        ``exact=True`` scans every vector whatever the backend.
+        """
+        from tokenret.index.base import check_k, sort_results
+
+        q = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+        k = check_k(k)
+        ann = None if exact else self.ann_index()
+        if ann is None:
+            index = self.vector_index()
+            if index.ntotal == 0:
+                return np.empty((len(q), 0), np.float32), np.empty((len(q), 0), np.int64)
+            return index.search(q, min(k, index.ntotal))
+        k = min(k, ann.ntotal)
+        if self.refine is None:
+            return ann.search(q, k)
+        _, ids = ann.search(q, min(ann.ntotal, max(k, self.refine)))
+        return sort_results(self.vector_index().rescore(q, ids), ids, k)
+
+    def search(self, queries: np.ndarray, k: int = 20, exact: bool = False) -> list[list[SearchHit]]:
+        """Nearest stored images of each query descriptor (rows of ``queries``), best first.
+
+        Uses the configured backend (see :meth:`set_backend`) unless ``exact``; only images in the index now
+        are returned.
+        """
+        scores, ids = self.knn(queries, k, exact=exact)
+        found = np.unique(ids[ids >= 0]).tolist()
+        path_of: dict[int, str] = {}
+        for start in range(0, len(found), 500):  # SQLite limits the parameters of one statement
+            part = found[start : start + 500]
+            marks = ",".join("?" * len(part))
+            sql = f"SELECT id, path FROM images WHERE status = 'ok' AND id IN ({marks})"
+            path_of.update(self.db.execute(sql, part))
         return [
-            [SearchHit(path_of[int(i)], float(s), int(i)) for s, i in zip(srow, irow, strict=True) if i >= 0]
+            [
+                SearchHit(path_of[int(i)], float(s), int(i))
+                for s, i in zip(srow, irow, strict=True)
+                if int(i) in path_of
+            ]
             for srow, irow in zip(scores, ids, strict=True)
         ]
 
@@ -385,42 +751,91 @@ class ImageIndex:
         if qe > 0:
             from tokenret.rerank import alpha_query_expansion
 
-            index = self.vector_index()
-            _, ids = index.search(q, min(qe, max(index.ntotal, 1)))
+            _, ids = self.knn(q, qe)
+            stored = self.vector_index()
             expanded = []
             for qi, row in zip(q, ids, strict=True):
-                nb = index.reconstruct(row[row >= 0]).astype(np.float32)
+                nb = stored.reconstruct(row[row >= 0]).astype(np.float32)
                 expanded.append(alpha_query_expansion(qi[None], nb, len(nb), 3.0)[0])
             q = np.stack(expanded).astype(np.float32)
         return self.search(q, k)
 
 
-def sampled_recall(index: ImageIndex, spec: str = "auto", k: int = 100, n_queries: int = 100, seed: int = 0):
-    """recall@k of an approximate index built from the stored vectors, against exact search.
+def resolve_backend(backend: str, n: int, dim: int) -> str:
+    """The spec a backend setting means for ``n`` images of size ``dim``: "exact" or a FAISS string."""
+    if backend == "auto":
+        backend = choose_index_spec(n, dim)
+    return "exact" if is_exact_spec(backend) else backend
+
+
+def check_backend(backend: str, refine: int | None, dim: int) -> tuple[str, int | None]:
+    """Check a backend choice; return it normalised (``"auto"``, ``"exact"`` or the FAISS string) with refine.
+
+    Raises:
+        ValueError: FAISS cannot build the spec for ``dim``, or ``refine`` is not a positive integer or is
+            given for the exact backend.
+    """
+    if not isinstance(backend, str) or not backend.strip():
+        raise ValueError(f"backend must be 'auto', 'exact' or a FAISS factory string, got {backend!r}")
+    backend = backend.strip()
+    if backend.lower() == "auto":
+        backend = "auto"
+    elif is_exact_spec(backend):
+        backend = "exact"
+    else:
+        from tokenret.index.faiss_index import FaissIndex
+
+        FaissIndex(backend, dim)  # raises ValueError naming a spec faiss cannot build
+    if refine is not None:
+        if isinstance(refine, bool) or not isinstance(refine, (int, np.integer)) or refine < 1:
+            raise ValueError(f"refine is a number of candidates >= 1 (or None), got {refine!r}")
+        if backend == "exact":
+            raise ValueError(
+                "refine re-scores the candidates of an approximate backend; exact search needs none"
+            )
+        refine = int(refine)
+    return backend, refine
+
+
+def sampled_recall(
+    index: ImageIndex, spec: str | None = None, k: int = 100, n_queries: int = 100, seed: int = 0
+) -> dict[str, Any]:
+    """recall@k of approximate search against exact search, with stored vectors as queries.
 
     Queries are stored vectors sampled at random (the way new photos of the same places look to the index).
+
+    Args:
+        spec: None measures the index's configured backend (refine included), as searches run it; a spec
+            (``"auto"`` resolves at the index's size) measures a FAISS index built for the purpose.
     """
-    from tokenret.index.base import choose_index_spec, make_index
+    from tokenret.index.base import make_index
     from tokenret.index.recall import recall_at_k
 
     vecs, ids, rows = index.vectors()
     n = len(ids)
     if n == 0:
         raise ValueError(f"{index.path} holds no vectors")
-    if spec in ("auto", "exact"):
-        spec = choose_index_spec(n, index.dim)
-    data = np.asarray(vecs[rows], dtype=np.float32)
     rng = np.random.default_rng(seed)
-    queries = data[rng.choice(n, size=min(n_queries, n), replace=False)]
-    exact = index.vector_index()
-    # PQ codes alone rank coarsely; exact re-ranking of 8k candidates is what brings recall@100 past 0.95
-    approx = make_index(spec, index.dim, **({"refine_factor": 8} if "PQ" in spec else {}))
-    approx.add(data, ids)
+    pick = np.sort(rng.choice(n, size=min(n_queries, n), replace=False))
+    queries = np.asarray(vecs[rows[pick]], dtype=np.float32)
     k = min(k, n)
-    _, exact_ids = exact.search(queries, k)
-    _, approx_ids = approx.search(queries, k)
+    _, exact_ids = index.knn(queries, k, exact=True)
+    if spec is None:
+        _, approx_ids = index.knn(queries, k)
+        spec = index.backend_spec(n)
+        extra = {"backend": index.backend, "refine": index.refine}
+    else:
+        if spec in ("auto", "exact"):
+            spec = choose_index_spec(n, index.dim)
+        data = np.asarray(vecs[rows], dtype=np.float32)
+        # PQ codes alone rank coarsely; exact re-ranking of 8k candidates is what brings recall@100 past 0.95
+        approx = make_index(spec, index.dim, **({"refine_factor": 8} if "PQ" in spec else {}))
+        approx.add(data, ids)
+        _, approx_ids = approx.search(queries, k)
+        extra = {}
     return {
         "spec": spec,
+        **extra,
         "k": k,
         "n_queries": len(queries),
         "recall": float(recall_at_k(approx_ids, exact_ids, k)),

@@ -178,6 +178,11 @@ class FaissIndex(VectorIndex):
         return self._ids.copy()
 
     @property
+    def is_hnsw(self) -> bool:
+        """True when the vectors themselves sit in an HNSW graph (``efSearch`` sets the search breadth)."""
+        return _is_hnsw(self._faiss, self._index)
+
+    @property
     def min_train_points(self) -> int:
         """Fewest vectors :meth:`train` accepts for this spec."""
         return max(self.min_points_per_list * self.nlist, _MIN_TRAIN_POINTS)

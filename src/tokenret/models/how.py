@@ -275,6 +275,14 @@ class HOWNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_global(x)
 
+    def extract_local(
+        self, image: Tensor, scales: Sequence[float] | None = None, topk: int | None = None
+    ) -> dict[str, Tensor]:
+        """HOW's test-time descriptor set of one normalised image, exactly as HOW feeds ASMK (descriptors
+        not L2-normalised); see the module-level :func:`extract_local`. The engine behind
+        ``tokenret extract-local`` calls this on every local-feature model (HOW, DELF)."""
+        return extract_local(self, image, scales, topk, l2_normalize=False)
+
     # -- PCA-whitening initialisation --------------------------------------------------------
 
     @torch.no_grad()

@@ -1,0 +1,308 @@
+"""Local descriptor sets of many images: extracted once, stored in shards, reused by every aggregator.
+
+The engine for local features, beside :mod:`tokenret.extract` for global descriptors and sharing its image
+loading (robust decoding, resize to ``max_size``, query-box crop): each image goes through the model's
+``extract_local`` (HOW, DELF: a multi-scale pyramid and the top-N strongest features) and its set is
+written, with the attention strengths, into shard stores (:class:`LocalDescriptorStore`) beside a manifest.
+An interrupted run resumes without recomputing finished shards; under ``torchrun`` each process takes
+every world_size-th shard. Unreadable images keep their place as empty sets and are reported.
+
+Example:
+    >>> model = create_local_model("how_r50", checkpoint="how_r50-.pth")                  # doctest: +SKIP
+    >>> sets = extract_local_sets(model, ["a.jpg", "b.jpg"], out_dir="cache/db").store   # doctest: +SKIP
+    >>> sets.get(0).shape                                                                # doctest: +SKIP
+    (1000, 128)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from tokenret.aggregate.local_store import LocalDescriptorStore
+from tokenret.data.images import IMAGENET_MEAN, IMAGENET_STD
+from tokenret.extract import (
+    Box,
+    ExtractionError,
+    ImageList,
+    _atomic_write_text,
+    _collate_one,
+    _dist_info,
+    _list_fingerprint,
+    model_fingerprint,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LocalExtractionConfig:
+    """How descriptor sets are computed; unset fields take the model's own test-time defaults.
+
+    Args:
+        max_size: longest image side after loading (HOW and DELG use 1024).
+        scales: image pyramid (None: the model's, e.g. HOW's 2 ... 0.25).
+        topk: strongest features kept per image over all scales (None: the model's, 1000).
+        num_workers: image decoding processes.
+        device: "cpu", "cuda", ... (default: cuda when available).
+        shard_size: images per shard.
+    """
+
+    max_size: int | None = 1024
+    scales: tuple[float, ...] | None = None
+    topk: int | None = None
+    num_workers: int = 2
+    device: str | None = None
+    shard_size: int = 500
+
+    def __post_init__(self) -> None:
+        if self.scales is not None:
+            self.scales = tuple(float(s) for s in self.scales)
+            if not self.scales or any(s <= 0 for s in self.scales):
+                raise ValueError(f"scales must be positive numbers, got {self.scales}")
+        if self.topk is not None and int(self.topk) < 1:
+            raise ValueError(f"topk must be >= 1, got {self.topk}")
+
+    def resolved(self, model: nn.Module) -> tuple[tuple[float, ...], int]:
+        runtime = getattr(model, "runtime", {})
+        scales = self.scales if self.scales is not None else tuple(runtime.get("scales", (1.0,)))
+        topk = int(self.topk if self.topk is not None else runtime.get("features_num", 1000))
+        return tuple(float(s) for s in scales), topk
+
+    def fingerprint(self, model: nn.Module) -> dict[str, Any]:
+        """The settings that change the sets (not workers, device or shard size)."""
+        scales, topk = self.resolved(model)
+        mean, std = normalisation(model)
+        return {
+            "max_size": self.max_size,
+            "scales": [round(s, 6) for s in scales],
+            "topk": topk,
+            "mean_std": [[round(v, 6) for v in mean], [round(v, 6) for v in std]],
+        }
+
+    def resolved_device(self) -> torch.device:
+        if self.device:
+            return torch.device(self.device)
+        if dist.is_available() and dist.is_initialized() and torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class LocalExtractionResult:
+    store: LocalDescriptorStore  # one set per image, strengths = attention; failed images hold empty sets
+    failures: dict[int, tuple[str, str]] = field(default_factory=dict)
+
+
+def normalisation(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The (mean, std) a local model expects its input normalised with (``runtime['mean_std']``)."""
+    mean_std = getattr(model, "runtime", {}).get("mean_std")
+    if not mean_std:
+        return tuple(IMAGENET_MEAN), tuple(IMAGENET_STD)
+    mean, std = mean_std
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
+def _check_model(model: nn.Module) -> int:
+    if not callable(getattr(model, "extract_local", None)):
+        raise TypeError(
+            f"{type(model).__name__} is not a local-feature model (no extract_local); "
+            "build one with tokenret.models.local.create_local_model"
+        )
+    return int(model.output_dim)
+
+
+def _extract_range(
+    model: nn.Module,
+    dataset: ImageList,
+    indices: Sequence[int],
+    config: LocalExtractionConfig,
+    device: torch.device,
+    bar: tqdm,
+) -> tuple[LocalDescriptorStore, dict[int, tuple[str, str]]]:
+    dim = int(model.output_dim)
+    scales, topk = config.resolved(model)
+    sets: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    failures: dict[int, tuple[str, str]] = {}
+    loader = DataLoader(
+        torch.utils.data.Subset(dataset, list(indices)),
+        batch_size=None,
+        num_workers=config.num_workers if len(indices) > 1 else 0,
+        collate_fn=_collate_one,
+    )
+    for i, tensor, error in loader:
+        if tensor is None:
+            failures[i] = (dataset.paths[i], error)
+        else:
+            out = model.extract_local(tensor.to(device), scales, topk)
+            sets[i] = (out["descriptors"].float().numpy(), out["attention"].float().numpy())
+        bar.update(1)
+    store = LocalDescriptorStore(dim, with_strengths=True)
+    empty = (np.empty((0, dim), np.float32), np.empty(0, np.float32))
+    for i in indices:
+        desc, att = sets.get(i, empty)
+        store.add(desc, att)
+    return store, failures
+
+
+def extract_local_sets(
+    model: nn.Module,
+    paths: Sequence[str | Path],
+    boxes: Sequence[Box | None] | None = None,
+    config: LocalExtractionConfig | None = None,
+    out_dir: str | Path | None = None,
+    on_error: str = "raise",
+    progress: bool = True,
+    desc: str = "local features",
+) -> LocalExtractionResult:
+    """Local descriptor sets of images, optionally sharded on disk and resumable.
+
+    Args:
+        model: a local-feature model (:func:`tokenret.models.local.create_local_model`).
+        paths: image files; boxes: per image None or a query box (x1, y1, x2, y2) cropped before resizing.
+        config: extraction settings.
+        out_dir: shard directory; finished shards are reused when the manifest matches.
+        on_error: "raise" (after every readable image is done, raise ExtractionError naming the unreadable
+            ones) or "record" (return them in ``failures``; their sets are empty).
+
+    Returns:
+        LocalExtractionResult: the sets in input order (with attention strengths) and the failures.
+    """
+    config = config or LocalExtractionConfig()
+    if on_error not in ("raise", "record"):
+        raise ValueError("on_error must be 'raise' or 'record'")
+    _check_model(model)
+    device = config.resolved_device()
+    model = model.eval().to(device)
+    mean, std = normalisation(model)
+    dataset = ImageList(paths, boxes, config.max_size, mean, std)
+    n = len(dataset)
+    rank, world = _dist_info()
+    if out_dir is None:
+        if world > 1:
+            raise ValueError(
+                "distributed extraction needs out_dir (shards are merged through the file system)"
+            )
+        with tqdm(total=n, desc=desc, unit="img", disable=not progress) as bar:
+            store, failures = _extract_range(model, dataset, range(n), config, device, bar)
+        return _finish(LocalExtractionResult(store, failures), on_error)
+
+    shards = LocalShardStore(Path(out_dir), n, config.shard_size)
+    manifest = {
+        "n": n,
+        "dim": int(model.output_dim),
+        "shard_size": shards.shard_size,
+        "extraction": config.fingerprint(model),
+        "model": model_fingerprint(model),
+        "images": _list_fingerprint(dataset),
+    }
+    if rank == 0:
+        shards.open(manifest)
+    if world > 1:
+        dist.barrier()
+        shards.check_manifest(manifest)
+    mine = [s for s in range(shards.n_shards) if s % world == rank]
+    todo = [s for s in mine if not shards.is_done(s)]
+    total = sum(len(shards.shard_range(s)) for s in mine)
+    done = total - sum(len(shards.shard_range(s)) for s in todo)
+    with tqdm(total=total, initial=done, desc=desc, unit="img", disable=not progress or rank != 0) as bar:
+        for s in todo:
+            store, failures = _extract_range(model, dataset, shards.shard_range(s), config, device, bar)
+            shards.write(s, store, failures)
+    if world > 1:
+        dist.barrier()
+    return _finish(shards.read_all(), on_error)
+
+
+def _finish(result: LocalExtractionResult, on_error: str) -> LocalExtractionResult:
+    if result.failures and on_error == "raise":
+        raise ExtractionError(result.failures)
+    return result
+
+
+class LocalShardStore:
+    """Shards of descriptor sets: ``manifest.json``, ``shard_XXXXX/`` (a store) and its failures JSON.
+
+    A shard directory appears only once completely written (written under a temporary name, then renamed),
+    so an interruption loses at most the shard in progress.
+    """
+
+    def __init__(self, root: Path, n: int, shard_size: int) -> None:
+        self.root, self.n, self.shard_size = root, n, max(1, int(shard_size))
+        self.n_shards = math.ceil(n / self.shard_size) if n else 0
+
+    def shard_range(self, s: int) -> range:
+        return range(s * self.shard_size, min(self.n, (s + 1) * self.shard_size))
+
+    def _dir(self, s: int) -> Path:
+        return self.root / f"shard_{s:05d}"
+
+    def _failures(self, s: int) -> Path:
+        return self.root / f"shard_{s:05d}.failures.json"
+
+    def open(self, manifest: dict[str, Any]) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / "manifest.json"
+        if path.exists():
+            old = json.loads(path.read_text())
+            if old != manifest:
+                changed = sorted(k for k in manifest if old.get(k) != manifest[k])
+                log.warning("%s holds sets made differently (%s); starting afresh", self.root, changed)
+                for f in self.root.glob("shard_*"):
+                    shutil.rmtree(f) if f.is_dir() else f.unlink()
+        _atomic_write_text(path, json.dumps(manifest, indent=1))
+
+    def check_manifest(self, manifest: dict[str, Any]) -> None:
+        on_disk = json.loads((self.root / "manifest.json").read_text())
+        if on_disk != manifest:
+            raise RuntimeError(f"{self.root}: processes disagree on what to extract (different image lists?)")
+
+    def is_done(self, s: int) -> bool:
+        return (self._dir(s) / "store.json").is_file()
+
+    def write(self, s: int, store: LocalDescriptorStore, failures: dict[int, tuple[str, str]]) -> None:
+        _atomic_write_text(self._failures(s), json.dumps({str(k): list(v) for k, v in failures.items()}))
+        tmp = self.root / f"{self._dir(s).name}.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        store.save(tmp)
+        if self._dir(s).exists():
+            shutil.rmtree(self._dir(s))
+        os.replace(tmp, self._dir(s))
+
+    def read_all(self) -> LocalExtractionResult:
+        stores, failures = [], {}
+        for s in range(self.n_shards):
+            stores.append(LocalDescriptorStore.load(self._dir(s)))
+            if self._failures(s).exists():
+                for k, v in json.loads(self._failures(s).read_text()).items():
+                    failures[int(k)] = (v[0], v[1])
+        manifest = json.loads((self.root / "manifest.json").read_text())
+        if not stores:
+            return LocalExtractionResult(
+                LocalDescriptorStore(int(manifest["dim"]), with_strengths=True), failures
+            )
+        return LocalExtractionResult(LocalDescriptorStore.concatenate(stores), failures)
+
+
+__all__ = [
+    "LocalExtractionConfig",
+    "LocalExtractionResult",
+    "LocalShardStore",
+    "extract_local_sets",
+    "normalisation",
+]

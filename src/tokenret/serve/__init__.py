@@ -1,0 +1,11 @@
+"""Search an image index over HTTP: a JSON API and a small web page, standard library only.
+
+Example:
+    >>> from tokenret.serve import serve
+    >>> serve("photos.idx", port=8080)   # doctest: +SKIP
+    >> serving photos.idx (12345 images, token_r101, backend exact) at http://127.0.0.1:8080/
+"""
+
+from tokenret.serve.app import MAX_K, MAX_UPLOAD_BYTES, RequestError, SearchServer, SearchService, serve
+
+__all__ = ["MAX_K", "MAX_UPLOAD_BYTES", "RequestError", "SearchServer", "SearchService", "serve"]

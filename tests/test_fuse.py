@@ -1,0 +1,68 @@
+"""BatchNorm folding: the folded copy computes what the model computes, and extraction uses it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+import tokenret
+from tokenret.extract import ExtractionConfig, extract_descriptors
+from tokenret.models.fuse import fold_batchnorm, fold_conv_bn
+
+
+def _randomise_bn(model: nn.Module, seed: int = 0) -> None:
+    """Non-trivial running statistics and affine parameters (fresh ones are mean 0, var 1, identity)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.5)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) * 2 + 0.1)
+                if m.affine:
+                    m.weight.copy_(torch.randn(m.num_features, generator=g))
+                    m.bias.copy_(torch.randn(m.num_features, generator=g))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+def test_folded_conv_equals_conv_then_batchnorm(bias, affine):
+    conv = nn.Conv2d(5, 7, 3, padding=1, bias=bias).double()
+    bn = nn.BatchNorm2d(7, affine=affine).double().eval()
+    _randomise_bn(bn)
+    x = torch.randn(2, 5, 9, 11, dtype=torch.float64)
+    torch.testing.assert_close(fold_conv_bn(conv, bn)(x), bn(conv(x)), rtol=1e-12, atol=1e-12)
+
+
+def test_folded_token_model_gives_the_same_descriptors_and_leaves_the_original_alone():
+    model = tokenret.create_model("token_r50", backbone="resnet18", dim=32, num_heads=4, out_dim=16).double()
+    _randomise_bn(model)
+    model.eval()
+    n_bn = sum(type(m) is nn.BatchNorm2d for m in model.modules())
+    fused = fold_batchnorm(model)
+    assert fused.folded_batchnorms == n_bn == 21  # 20 in ResNet-18, 1 after the head's input conv
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    assert sum(type(m) is nn.BatchNorm2d for m in model.modules()) == n_bn
+    assert fused.model_name == model.model_name and fused.descriptor_dim == model.descriptor_dim
+    x = torch.randn(2, 3, 96, 64, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-10, atol=1e-10)
+
+
+def test_extraction_with_and_without_folding_agree(tmp_path):
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(3):
+        p = tmp_path / f"{i}.png"
+        Image.fromarray(rng.integers(0, 255, (40 + 8 * i, 56, 3), dtype=np.uint8)).save(p)
+        paths.append(p)
+    model = tokenret.create_model("token_r50", backbone="resnet18", dim=32, num_heads=4, out_dim=16)
+    _randomise_bn(model)
+    runs = {}
+    for fold in (True, False):
+        cfg = ExtractionConfig(max_size=64, scales=(1.0, 0.75), num_workers=0, fold_batchnorm=fold)
+        runs[fold] = extract_descriptors(model, paths, config=cfg, progress=False).descriptors
+    np.testing.assert_allclose(runs[True], runs[False], atol=2e-5)
+    assert sum(type(m) is nn.BatchNorm2d for m in model.modules()) == 21  # the caller's model is untouched

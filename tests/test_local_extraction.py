@@ -1,0 +1,175 @@
+"""The local-feature engine: sets in input order, shards that resume, failures kept in place, the model's
+own input normalisation, and `tokenret extract-local` / `tokenret codebook` writing what training reads."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from tokenret.aggregate import extraction as lx
+from tokenret.aggregate.codebook import Codebook
+from tokenret.aggregate.local_store import LocalDescriptorStore
+from tokenret.cli import main
+from tokenret.data.images import load_image, to_tensor
+from tokenret.extract import ExtractionError
+from tokenret.models.how import create_how, extract_local
+
+
+class MeanColour(nn.Module):
+    """A toy extractor: one descriptor per block of 8 pixels, its mean colour (so sets are checkable)."""
+
+    def __init__(self, mean_std=None) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1))
+        self.output_dim = 3
+        self.runtime = {"scales": [1.0], "features_num": 4}
+        if mean_std:
+            self.runtime["mean_std"] = mean_std
+        self.model_name, self.model_kwargs = "mean_colour", {}
+        self.calls = 0
+
+    def extract_local(self, image, scales, topk):
+        self.calls += 1
+        blocks = image.reshape(3, -1).T.reshape(-1, 8, 3).mean(1) * self.scale  # (h*w/8, 3)
+        strength = blocks.norm(dim=1)
+        order = torch.argsort(strength, descending=True)[:topk]
+        return {"descriptors": blocks[order].detach(), "attention": strength[order].detach()}
+
+
+def _images(folder, n, seed=0):
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        p = folder / f"img{i:02d}.png"
+        Image.fromarray(rng.integers(0, 255, (16, 12, 3), dtype=np.uint8)).save(p)
+        paths.append(str(p))
+    return paths
+
+
+def _expected(model, path, box=None, max_size=16):
+    mean, std = lx.normalisation(model)
+    out = model.extract_local(to_tensor(load_image(path, max_size, box), mean, std), [1.0], 4)
+    return out["descriptors"].numpy()
+
+
+def test_sets_follow_input_order_and_use_the_models_normalisation(tmp_path):
+    paths = _images(tmp_path / "im", 5)
+    model = MeanColour(mean_std=[[0.5, 0.5, 0.5], [0.25, 0.25, 0.25]])
+    cfg = lx.LocalExtractionConfig(max_size=16, num_workers=0)
+    boxes = [None, (2, 2, 10, 14), None, None, (0, 0, 8, 8)]
+    res = lx.extract_local_sets(model, paths, boxes, cfg, progress=False)
+    assert len(res.store) == 5 and not res.failures
+    for i, p in enumerate(paths):
+        want = _expected(model, p, boxes[i])
+        np.testing.assert_allclose(res.store.get(i), want, atol=2e-3)  # stored as float16
+    # the normalisation is the model's: ImageNet's would give other values
+    raw = np.asarray(Image.open(paths[0]).convert("RGB"), np.float32) / 255
+    blocks = ((raw - 0.5) / 0.25).reshape(-1, 8, 3).mean(1)
+    strongest = blocks[np.argsort(-np.linalg.norm(blocks, axis=1), kind="stable")[:4]]
+    np.testing.assert_allclose(res.store.get(0), strongest, atol=2e-3)
+
+
+def test_interrupted_run_resumes_without_recomputing_finished_shards(tmp_path, monkeypatch):
+    paths = _images(tmp_path / "im", 7)
+    cfg = lx.LocalExtractionConfig(max_size=16, num_workers=0, shard_size=3)
+    reference = lx.extract_local_sets(MeanColour(), paths, None, cfg, progress=False).store
+
+    model = MeanColour()
+    original = model.extract_local
+
+    def crash_on_fifth(*a, **k):
+        if model.calls == 4:
+            raise KeyboardInterrupt
+        return original(*a, **k)
+
+    monkeypatch.setattr(model, "extract_local", crash_on_fifth)
+    with pytest.raises(KeyboardInterrupt):
+        lx.extract_local_sets(model, paths, None, cfg, tmp_path / "out", progress=False)
+    assert (tmp_path / "out" / "shard_00000" / "store.json").is_file()
+    assert not (tmp_path / "out" / "shard_00001").exists()
+
+    resumed = MeanColour()
+    res = lx.extract_local_sets(resumed, paths, None, cfg, tmp_path / "out", progress=False)
+    assert resumed.calls == 4  # shards 1 and 2 only
+    for i in range(7):
+        np.testing.assert_array_equal(res.store.get(i), reference.get(i))
+        np.testing.assert_array_equal(res.store.strengths(i), reference.strengths(i))
+    # other settings: the shards are made again
+    again = MeanColour()
+    lx.extract_local_sets(
+        again,
+        paths,
+        None,
+        lx.LocalExtractionConfig(16, topk=2, num_workers=0, shard_size=3),
+        tmp_path / "out",
+        progress=False,
+    )
+    assert again.calls == 7
+
+
+def test_unreadable_images_keep_their_place_and_are_named(tmp_path):
+    paths = _images(tmp_path / "im", 3)
+    bad = tmp_path / "im" / "broken.jpg"
+    bad.write_bytes(b"not an image")
+    paths.insert(1, str(bad))
+    cfg = lx.LocalExtractionConfig(max_size=16, num_workers=0)
+    with pytest.raises(ExtractionError, match="broken.jpg"):
+        lx.extract_local_sets(MeanColour(), paths, None, cfg, progress=False)
+    res = lx.extract_local_sets(
+        MeanColour(), paths, None, cfg, tmp_path / "o", on_error="record", progress=False
+    )
+    assert list(res.failures) == [1] and res.failures[1][0] == str(bad)
+    assert res.store.lengths.tolist() == [4, 0, 4, 4]
+    np.testing.assert_allclose(res.store.get(2), _expected(MeanColour(), paths[2]), atol=2e-3)
+
+
+def test_how_sets_equal_how_extraction_one_by_one(tmp_path):
+    paths = _images(tmp_path / "im", 2)
+    torch.manual_seed(0)
+    model = create_how("how_r18")
+    cfg = lx.LocalExtractionConfig(max_size=64, scales=(1.0, 0.5), topk=5, num_workers=0)
+    res = lx.extract_local_sets(model, paths, None, cfg, progress=False)
+    for i, p in enumerate(paths):
+        want = extract_local(model, to_tensor(load_image(p, 64)), [1.0, 0.5], 5, l2_normalize=False)
+        np.testing.assert_allclose(res.store.get(i), want["descriptors"].numpy(), rtol=2e-3, atol=2e-3)
+        np.testing.assert_allclose(res.store.strengths(i), want["attention"].numpy(), rtol=1e-6)
+
+
+def test_extract_local_and_codebook_commands_write_what_training_reads(tmp_path, monkeypatch):
+    from tokenret.models import local as local_models
+
+    for cls in ("a", "b"):
+        _images(tmp_path / "train" / cls, 3, seed=ord(cls))
+    (tmp_path / "train" / "b" / "zz_broken.png").write_bytes(b"garbage")
+    monkeypatch.setattr(local_models, "create_local_model", lambda *a, **k: MeanColour())
+    out = tmp_path / "sets"
+    argv = [
+        "extract-local",
+        "--local",
+        "how_r18",
+        "--data-format",
+        "folders",
+        "--data-root",
+        str(tmp_path / "train"),
+    ]
+    assert main([*argv, "--out", str(out), "--max-size", "16", "--workers", "0", "--quiet"]) == 0
+    store = LocalDescriptorStore.load(out / "descriptors")
+    labels = (out / "labels.txt").read_text().split()
+    assert len(store) == len(labels) == 7 and labels.count("a") == 3 and labels.count("b") == 4
+    assert store.lengths.tolist().count(0) == 1  # the broken file: an empty set, named in failures.json
+    assert list(json.loads((out / "failures.json").read_text())) == [
+        str(tmp_path / "train" / "b" / "zz_broken.png")
+    ]
+
+    assert main(["codebook", str(out), "--size", "4", "--out", str(tmp_path / "cb.npy")]) == 0
+    cb = Codebook.load(tmp_path / "cb.npy")
+    assert cb.size == 4 and cb.dim == 3
+    # every centroid lies inside the data's range (k-means means of stored descriptors)
+    x = np.concatenate([store.get(i) for i in range(len(store))])
+    assert (cb.centroids >= x.min(0) - 1e-4).all() and (cb.centroids <= x.max(0) + 1e-4).all()
