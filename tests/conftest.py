@@ -8,10 +8,16 @@ with that reason, only where they are absent.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-import pytest
-import torch
+# numpy's BLAS thread pool has the same problem as torch's (below): one thread unless asked otherwise.
+# Set before numpy is first imported.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", os.environ.get("TOKENRET_TEST_THREADS", "1"))
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

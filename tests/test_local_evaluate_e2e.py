@@ -106,8 +106,17 @@ def _independent_results(ds, db_sets, q_sets, score_fn):
 HOW_ARGS = ["--local", "how_r18", "--max-size", "64", "--scales", "1", "0.7071", "--topk", "40"]
 
 
+_SETS: dict = {}
+
+
 def _sets(shared_data, ds):
-    """The same sets as the CLI's, extracted independently (no cache, no shards)."""
+    """The same sets as the CLI's, extracted independently (no cache, no shards); made once per session."""
+    if shared_data not in _SETS:
+        _SETS[shared_data] = _extract_sets(ds)
+    return _SETS[shared_data]
+
+
+def _extract_sets(ds):
     torch.manual_seed(0)
     model = local_models.create_local_model("how_r18")
     cfg = lx.LocalExtractionConfig(max_size=64, scales=(1.0, 0.7071), topk=40, num_workers=0)
@@ -171,3 +180,36 @@ def test_aggregator_options_are_checked(shared_data, tmp_path, capsys):
         == 2
     )
     assert "global vectors" in capsys.readouterr().err
+
+
+def test_token_aggregator_through_the_cli_equals_the_head_applied_set_by_set(
+    shared_data, tmp_path, monkeypatch
+):
+    import tokenret
+    from tokenret.models.checkpoints import save_checkpoint
+
+    ds = RevisitedDataset.from_root(shared_data, DATASET)
+    model, db_sets, q_sets = _sets(shared_data, ds)
+    monkeypatch.setattr(local_models, "create_local_model", lambda *a, **k: model)
+    head = tokenret.create_model("token_set_how_r50", dim=32, num_heads=4, out_dim=24).eval()
+    ckpt = save_checkpoint(head, tmp_path / "set_token.pth")
+    report = _run(
+        shared_data,
+        tmp_path,
+        *HOW_ARGS,
+        "--aggregator",
+        "token",
+        "--model",
+        "token_set_how_r50",
+        "--checkpoint",
+        str(ckpt),
+    )
+    assert report["aggregator"]["model"] == "token_set_how_r50"
+    with torch.no_grad():
+        describe = lambda s: head(torch.from_numpy(s)[None])[0].numpy()  # noqa: E731  one set, no padding
+        db = np.stack([describe(s) for s in db_sets])
+        q = np.stack([describe(s) for s in q_sets])
+    want = compute_revisited_map(ranks_from_scores(db @ q.T), ds.gnd)
+    got = report["datasets"][DATASET]["results"]
+    for proto in ("easy", "medium", "hard"):
+        _assert_same_ap(got[proto]["ap"], want[proto]["ap"])

@@ -18,7 +18,10 @@ from tokenret.models.token import Attention, TokenHead
 SIZES = [(64, 64), (64, 160), (150, 70), (97, 131)]
 
 
-@pytest.mark.parametrize("name", tokenret.list_models())
+IMAGE_MODELS = [n for n in tokenret.list_models() if tokenret.get_model_config(n).backbone is not None]
+
+
+@pytest.mark.parametrize("name", IMAGE_MODELS)
 def test_registry_model_shapes_and_unit_norm(name):
     model = tokenret.create_model(name)
     assert not model.training

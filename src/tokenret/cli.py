@@ -21,7 +21,8 @@ def _cmd_models(args: argparse.Namespace) -> int:
         cfg = get_model_config(name)
         w = cfg.weights
         paper = " / ".join(f"{v:.2f}" for v in w.paper_map) if w and w.paper_map else "-"
-        rows.append((name, cfg.backbone, str(cfg.descriptor_dim), w.filename if w else "-", paper))
+        trunk = cfg.backbone or "- (sets)"
+        rows.append((name, trunk, str(cfg.descriptor_dim), w.filename if w else "-", paper))
     header = ("model", "backbone", "dim", "released weights", "paper mAP ROxf M/H, RPar M/H")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for r in [header, *rows]:
@@ -169,6 +170,33 @@ def aggregator_from_args(args: argparse.Namespace):
             query_assignment=args.query_assignment,
         )
     return VladAggregator(codebook, codebook_size=args.codebook_size, power=args.vlad_power)
+
+
+def local_pipeline_from_args(args: argparse.Namespace):
+    """--local NAME --aggregator token|vlad as one image model (for indexes of your own photos)."""
+    from tokenret.aggregate.codebook import Codebook
+    from tokenret.aggregate.pipeline import LocalAggregateModel
+
+    if args.aggregator == "token":
+        if args.model == DEFAULT_MODEL:
+            args.model = f"token_set_{args.local}"
+        aggregator = model_from_args(args)
+    elif args.aggregator == "vlad":
+        if not args.codebook:
+            raise ValueError("--aggregator vlad needs --codebook FILE (made by `tokenret codebook`)")
+        aggregator = Codebook.load(args.codebook)
+    else:
+        raise ValueError(
+            "an index of local features needs --aggregator token or vlad (one vector per image); ASMK keeps "
+            "an inverted file of its own: use `tokenret evaluate --local ... --aggregator asmk`"
+        )
+    return LocalAggregateModel(
+        local_model_from_args(args),
+        aggregator,
+        scales=args.scales,
+        topk=args.topk,
+        vlad_power=args.vlad_power,
+    )
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -367,13 +395,18 @@ def _cmd_index(args: argparse.Namespace) -> int:
             # recorded now, built once at the end of the sync below
             index.set_backend(backend, _refine_from_args(args, backend, index.refine), build=False)
     else:
-        model = model_from_args(args)
+        config = extraction_config_from_args(args)
+        if args.local:  # local features + aggregator: one model, saved inside the index
+            model, checkpoint = local_pipeline_from_args(args), None
+            config.scales = (1.0,)  # the local network runs its own pyramid
+        else:
+            model, checkpoint = model_from_args(args), args.checkpoint
         backend = args.backend or "auto"
         index = ImageIndex.create(
             out,
             model,
-            extraction_config_from_args(args),
-            checkpoint=args.checkpoint,
+            config,
+            checkpoint=checkpoint,
             backend=backend,
             refine=_refine_from_args(args, backend, None),
         )
@@ -628,6 +661,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     add_model_arguments(p)
     add_extraction_arguments(p)
+    add_local_arguments(p)
+    g = p.add_argument_group("aggregating local features (with --local)")
+    g.add_argument(
+        "--aggregator", choices=["token", "vlad"], help="token: a token_set_* model (--model/--checkpoint)"
+    )
+    g.add_argument("--codebook", help="visual words for vlad (`tokenret codebook`)")
+    g.add_argument("--vlad-power", type=float, default=None, help="VLAD signed power normalisation")
     p.set_defaults(func=_cmd_index)
 
     p = sub.add_parser("search", help="search an index with query images (or folders of them)")

@@ -158,7 +158,11 @@ class ImageIndex:
             raise FileExistsError(f"{path} already holds an index; open it with ImageIndex(path)")
         path.mkdir(parents=True, exist_ok=True)
         if checkpoint is None:
-            checkpoint = save_checkpoint(model, path / "model.pth")
+            # models made of several networks (local features + aggregator) save themselves in one file
+            save = getattr(model, "save_checkpoint", None)
+            checkpoint = (
+                save(path / "model.pth") if callable(save) else save_checkpoint(model, path / "model.pth")
+            )
         checkpoint = Path(checkpoint).resolve()
         settings = {
             "format": FORMAT,
@@ -243,7 +247,12 @@ class ImageIndex:
                 )
             if sha256sum(ckpt) != self.settings["checkpoint_sha256"]:
                 raise IndexMismatchError(f"{ckpt} changed since the index was made (sha256 differs)")
-        model = create_model(self.settings["model"], checkpoint=ckpt, **self.settings["model_kwargs"])
+        if self.settings["model"].startswith("local:"):  # local features + aggregator, one file
+            from tokenret.aggregate.pipeline import LocalAggregateModel
+
+            model = LocalAggregateModel.load(ckpt)
+        else:
+            model = create_model(self.settings["model"], checkpoint=ckpt, **self.settings["model_kwargs"])
         self.check_model(model)
         return model
 

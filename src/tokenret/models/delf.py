@@ -287,6 +287,15 @@ class DELFNet(nn.Module):
         """The attention-pooled descriptor (B, 1024); see :meth:`classify` for training."""
         return self.attention_pool(images)
 
+    @property
+    def descriptor_dim(self) -> int:
+        """Size of :meth:`forward_features` (what ``tokenret train`` puts its margin head on)."""
+        return self.backbone_dim
+
+    def forward_features(self, images: Tensor) -> Tensor:
+        """Training descriptor for ``tokenret train`` (ArcFace on the attention-pooled features)."""
+        return self.attention_pool(images)
+
     # -- PCA ---------------------------------------------------------------------------------
 
     @torch.no_grad()

@@ -275,6 +275,16 @@ class HOWNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_global(x)
 
+    @property
+    def descriptor_dim(self) -> int:
+        """Size of :meth:`forward_features` (what ``tokenret train`` puts its margin head on)."""
+        return self.output_dim
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Training descriptor for ``tokenret train``: HOW's attention-weighted sum (HOW itself trains it
+        with a contrastive loss on SfM-120k tuples; here a margin head on GLDv2 classes)."""
+        return self.forward_global(x)
+
     def extract_local(
         self, image: Tensor, scales: Sequence[float] | None = None, topk: int | None = None
     ) -> dict[str, Tensor]:

@@ -22,10 +22,10 @@ from typing import Any
 
 from torch import nn
 
-#: name -> (module, its config table, its factory)
+#: name prefix -> (module, its config table, its factory, its network class)
 _FAMILIES = {
-    "how": ("tokenret.models.how", "HOW_MODELS", "create_how"),
-    "delf": ("tokenret.models.delf", "DELF_MODELS", "create_delf"),
+    "how": ("tokenret.models.how", "HOW_MODELS", "create_how", "HOWNet"),
+    "delf": ("tokenret.models.delf", "DELF_MODELS", "create_delf", "DELFNet"),
 }
 
 
@@ -35,7 +35,7 @@ def _family(name: str) -> tuple[Any, Any]:
     prefix = name.split("_", 1)[0]
     if prefix not in _FAMILIES:
         raise ValueError(f"unknown local-feature model {name!r}; choose one of {list_local_models()}")
-    module_name, table, factory = _FAMILIES[prefix]
+    module_name, table, factory, _ = _FAMILIES[prefix]
     module = importlib.import_module(module_name)
     return getattr(module, table), getattr(module, factory)
 
@@ -83,6 +83,22 @@ def create_local_model(
     )
 
 
+def build_local_model(name: str, **model_kwargs: Any) -> nn.Module:
+    """The network ``name`` with exactly these architecture arguments (``model.model_kwargs`` of a saved one),
+    random weights; its registry runtime defaults."""
+    import importlib
+
+    table, _ = _family(name)
+    if name not in table:
+        raise ValueError(f"unknown local-feature model {name!r}; choose one of {list_local_models()}")
+    module_name, _, _, cls_name = _FAMILIES[name.split("_", 1)[0]]
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    runtime = getattr(table[name], "runtime", None) or None
+    model = cls(**model_kwargs, runtime=runtime)
+    model.model_name = name
+    return model
+
+
 def is_local_model(name: str) -> bool:
     try:
         table, _ = _family(name)
@@ -91,4 +107,10 @@ def is_local_model(name: str) -> bool:
     return name in table
 
 
-__all__ = ["create_local_model", "is_local_model", "list_local_models", "local_model_description"]
+__all__ = [
+    "build_local_model",
+    "create_local_model",
+    "is_local_model",
+    "list_local_models",
+    "local_model_description",
+]

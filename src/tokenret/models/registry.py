@@ -19,17 +19,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from tokenret.models.backbone import ResNetTrunk
 from tokenret.models.retrieval import (
     DELGModel,
     GeMModel,
     NetVLADModel,
-    RetrievalModel,
     RMACModel,
     SOLARModel,
     TokenModel,
 )
+from tokenret.models.token import SetTokenModel
 
 #: Backbone-level arguments every model accepts as overrides.
 BACKBONE_ARGS = ("backbone", "backbone_weights", "dilation_block5")
@@ -54,9 +55,12 @@ class Weights:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """A registry entry. ``backbone`` None: a trunk-less model (e.g. Token on local-descriptor sets), built
+    as ``family(**kwargs)``; otherwise ``family(ResNetTrunk(backbone), **kwargs)``."""
+
     name: str
-    family: type[RetrievalModel]
-    backbone: str
+    family: type[nn.Module]
+    backbone: str | None
     kwargs: Mapping[str, Any] = field(default_factory=dict)
     weights: Weights | None = None
     description: str = ""
@@ -97,6 +101,14 @@ def _infer_token(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         out["out_dim"] = int(p.shape[0])
     out["encoder_layers"] = len({k.split(".")[2] for k in state if k.startswith("tr.encoder.")}) or 1
     out["decoder_layers"] = len({k.split(".")[2] for k in state if k.startswith("tr.decoder.")}) or 2
+    return out
+
+
+def _infer_set_token(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    out = _infer_token(state)
+    w = state.get("tr.conv.0.weight")
+    if w is not None and w.ndim == 4:
+        out["in_channels"] = int(w.shape[1])
     return out
 
 
@@ -184,6 +196,29 @@ for _arch in ("r50", "r101"):
         )
     )
 
+# Token's aggregator on local descriptors (the Token README's "+Ours" rows over HOW/DELF + ASMK). The paper
+# gives neither the head's sizes nor weights for this experiment: the sizes below are Token's own.
+_SET_TOKEN_NOTE = (
+    "in_channels 128; dim 1024, L=4 tokens, 8 heads, 1 encoder, 2 decoders, 1024-d out are our choice "
+    "(Token's image-model sizes; the paper's for this experiment are unknown); no weights are released: "
+    "train with `tokenret train --config configs/{name}_gldv2.yaml`"
+)
+for _name, _what in (
+    ("token_set_how_r50", "HOW R50 local descriptors (128-d, whitened)"),
+    ("token_set_how_r101", "HOW R101 local descriptors (128-d, whitened)"),
+    ("token_set_delf_r50", "DELF R50 local descriptors (128-d, L2-normalised)"),
+):
+    register(
+        ModelConfig(
+            _name,
+            SetTokenModel,
+            None,
+            kwargs={"in_channels": 128},
+            description=f"Token aggregator on sets of {_what}; " + _SET_TOKEN_NOTE.format(name=_name),
+            infer_kwargs=_infer_set_token,
+        )
+    )
+
 
 def list_models(pattern: str = "*") -> list[str]:
     """Registered model names matching a shell-style pattern, sorted."""
@@ -208,9 +243,11 @@ def restore_config(cfg: ModelConfig) -> None:
     _REGISTRY[cfg.name] = cfg
 
 
-def build_model(cfg: ModelConfig, **overrides: Any) -> RetrievalModel:
+def build_model(cfg: ModelConfig, **overrides: Any) -> nn.Module:
     """Instantiate ``cfg`` with overrides (backbone=..., backbone_weights=..., head arguments)."""
     kwargs = {**cfg.kwargs, **overrides}
+    if cfg.backbone is None:
+        return _build_trunkless(cfg, kwargs)
     arch = kwargs.pop("backbone", cfg.backbone)
     backbone_weights = kwargs.pop("backbone_weights", None)
     trainable = kwargs.pop("trainable_backbone", True)
@@ -229,12 +266,29 @@ def build_model(cfg: ModelConfig, **overrides: Any) -> RetrievalModel:
     return model
 
 
+def _build_trunkless(cfg: ModelConfig, kwargs: dict[str, Any]) -> nn.Module:
+    trunk_args = {k: kwargs.pop(k) for k in (*BACKBONE_ARGS, "trainable_backbone") if k in kwargs}
+    given = {k: v for k, v in trunk_args.items() if v not in (None, False)}
+    if given:
+        raise TypeError(
+            f"model {cfg.name!r} has no trunk (it takes local descriptors): remove "
+            f"{', '.join(f'{k}={v!r}' for k, v in given.items())}"
+        )
+    try:
+        model = cfg.family(**kwargs)
+    except TypeError as e:
+        raise TypeError(f"bad arguments for model {cfg.name!r} ({cfg.family.__name__}): {e}") from None
+    model.model_name = cfg.name
+    model.model_kwargs = dict(kwargs)
+    return model
+
+
 def create_model(
     name: str,
     checkpoint: str | Path | Mapping[str, Any] | None = None,
     pretrained: bool = False,
     **overrides: Any,
-) -> RetrievalModel:
+) -> nn.Module:
     """Build a registered model, optionally with weights.
 
     Args:

@@ -248,8 +248,9 @@ class TokenHead(nn.Module):
             return self.aggregate(x)
         # Only real descriptors go through conv + BatchNorm2d (padding stays out of batch statistics).
         keep = ~padding_mask
-        x = descriptors.new_zeros(b, n, self.dim)
-        x[keep] = self.conv(descriptors[keep][:, :, None, None]).flatten(1)
+        projected = self.conv(descriptors[keep][:, :, None, None]).flatten(1)
+        x = projected.new_zeros(b, n, self.dim)  # the conv's dtype (autocast may make it bf16)
+        x[keep] = projected
         return self.aggregate(x, padding_mask)
 
     def token_attention(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -280,3 +281,92 @@ class TokenHead(nn.Module):
         b, _, h, w = features.shape
         x = self.encode(self.conv(features).flatten(2).transpose(1, 2))
         return self.token_attention(x).reshape(b, self.num_tokens, h, w)
+
+
+class SetTokenModel(nn.Module):
+    """Token's aggregator on a set of local descriptors (HOW, DELF, ...): no trunk, sets in, one vector out.
+
+    The head is a :class:`TokenHead` (key prefix ``tr``, as in :class:`~tokenret.models.retrieval.TokenModel`)
+    whose 1x1 conv + BatchNorm2d acts on each descriptor alone, i.e. a per-descriptor Linear + BatchNorm over
+    all real descriptors of the batch. Nothing in the head uses positions, so the output does not depend on
+    the order of the descriptors, and padded rows (``padding_mask`` True) take no part anywhere.
+
+    Args:
+        in_channels: C, the local descriptor dimension (128 for HOW and DELF).
+        input_norm: "l2" (default) L2-normalises every input descriptor before the head; "none" feeds them as
+            they are. Why "l2": HOW's descriptors are whitened but not normalised, DELF's are unit vectors;
+            the tokenizer's logits are unscaled dot products and its tokens are sums over descriptors, so
+            their scale would otherwise change with the extractor (and its whitening), and a few descriptors
+            of large norm would dominate the sum. ASMK and VLAD, the methods this replaces, also match
+            unit-norm descriptors. "none" keeps the norm (for HOW, a cue of the descriptor's strength).
+        **head_kwargs: :class:`TokenHead` arguments (dim, num_tokens, num_heads, encoder_layers,
+            decoder_layers, out_dim, mlp_ratio, qkv_bias, drop, attn_drop, drop_path).
+
+    Attributes:
+        input_dim: C. descriptor_dim: the output dimension (``out_dim``).
+
+    Example:
+        >>> model = SetTokenModel(128, dim=64, num_heads=4, out_dim=32).eval()
+        >>> x, padding = torch.randn(2, 50, 128), torch.zeros(2, 50, dtype=torch.bool)
+        >>> padding[1, 30:] = True                      # the second set has 30 descriptors
+        >>> model(x, padding).shape
+        torch.Size([2, 32])
+    """
+
+    #: What ``forward`` takes: padded descriptor sets, not images (the trainer and configs check this).
+    input_kind = "sets"
+
+    def __init__(self, in_channels: int = 128, input_norm: str = "l2", **head_kwargs) -> None:
+        super().__init__()
+        if input_norm not in ("l2", "none"):
+            raise ValueError(f"input_norm must be 'l2' or 'none', got {input_norm!r}")
+        self.input_dim = int(in_channels)
+        self.input_norm = input_norm
+        self.tr = TokenHead(in_channels=self.input_dim, **head_kwargs)
+        self.descriptor_dim = self.tr.out_dim
+
+    def forward_features(self, descriptors: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """Un-normalised descriptors (B, out_dim) of padded sets (B, N, C), as fed to ArcFace in training.
+
+        Args:
+            descriptors: (B, N, C); padded rows may hold anything (zeros, huge values, NaN).
+            padding_mask: (B, N) bool, True = padding; None: every row is a descriptor.
+        """
+        if descriptors.ndim != 3 or descriptors.shape[-1] != self.input_dim:
+            raise ValueError(
+                f"expected padded sets (B, N, {self.input_dim}), got shape {tuple(descriptors.shape)}"
+            )
+        if padding_mask is not None:
+            if padding_mask.shape != descriptors.shape[:2]:
+                raise ValueError(
+                    f"padding_mask {tuple(padding_mask.shape)} does not match the sets "
+                    f"{tuple(descriptors.shape[:2])}"
+                )
+            padding_mask = padding_mask.to(torch.bool)
+            descriptors = descriptors.masked_fill(padding_mask[..., None], 0.0)
+        if _fp16_autocast(descriptors.device.type):
+            # As TokenHead.forward: the unscaled tokenizer overflows float16, so the head runs in float32.
+            with torch.autocast(descriptors.device.type, enabled=False):
+                return self.forward_features(descriptors.float(), padding_mask)
+        if self.input_norm == "l2":
+            descriptors = F.normalize(descriptors, dim=-1)  # zero (padding) rows stay zero
+        return self.tr.aggregate(self._project(descriptors, padding_mask), padding_mask)
+
+    def _project(self, descriptors: Tensor, padding_mask: Tensor | None) -> Tensor:
+        """The head's 1x1 conv + BatchNorm2d on each real descriptor: (B, N, C) -> (B, N, dim), 0 on padding.
+
+        What ``TokenHead.forward_set`` does, with the output in the conv's dtype (bf16 under autocast).
+        """
+        b, n, c = descriptors.shape
+        conv = self.tr.conv
+        if padding_mask is None:
+            return conv(descriptors.reshape(b * n, c, 1, 1)).reshape(b, n, self.tr.dim)
+        keep = ~padding_mask
+        projected = conv(descriptors[keep][:, :, None, None]).flatten(1)  # padding stays out of BN statistics
+        out = projected.new_zeros(b, n, self.tr.dim)
+        out[keep] = projected
+        return out
+
+    def forward(self, descriptors: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """L2-normalised descriptors (B, out_dim) of padded sets (B, N, C); padding_mask True = padding."""
+        return F.normalize(self.forward_features(descriptors, padding_mask), dim=-1)

@@ -95,12 +95,16 @@ class DataConfig:
     Args:
         format: "gldv2" (``root`` holds train.csv / train_clean.csv and train/a/b/c/<id>.jpg), "folders"
             (``root/<class>/<image>``) or "csv" (``csv`` lists path,label; relative paths from ``root`` or,
-            when ``root`` is empty, from the CSV's folder).
+            when ``root`` is empty, from the CSV's folder), or "local_sets": sets of local descriptors for a
+            trunk-less model (``token_set_*``); ``root`` holds labels.txt (a class label per line),
+            descriptors/ (a LocalDescriptorStore, item i = line i) and optionally images.txt (an id per
+            line, for val_list; else ids are line indices), as ``tokenret extract-local`` writes them. Items
+            with no descriptor are left out (with a warning giving the count).
         root: dataset folder.
         gldv2_list: for gldv2, "train_clean.csv" (GLDv2-clean, as the paper) or "train.csv" (full set).
         csv: for csv, the file of path,label rows.
-        val_list: a file of image ids (gldv2) or paths (folders/csv), one a line, that form the validation
-            split; all other images train. Empty: the release's per-class split below.
+        val_list: a file of image ids (gldv2, local_sets) or paths (folders/csv), one a line, that form the
+            validation split; all other images train. Empty: the release's per-class split below.
         val_fraction: per class, this fraction of the images (at least one) goes to validation (0.2 as the
             release; 0 keeps every image for training and disables classification validation).
         split_seed: seed of the per-class split (0 as the release).
@@ -114,9 +118,13 @@ class DataConfig:
             image_size; null means int(image_size * 8 / 7) as the release (585 for 512).
         num_workers: DataLoader worker processes per training process.
         check_files: drop listed images that do not exist (with a warning giving the count) before training.
+        set_size: local_sets: descriptors per set. Larger sets are sub-sampled at random in training and cut
+            to their first (strongest) ``set_size`` in validation; smaller ones are padded and masked.
+        set_keep: local_sets, training augmentation: each set keeps a random fraction, drawn uniformly from
+            this range, of its descriptors (before the ``set_size`` cap).
     """
 
-    format: Literal["gldv2", "folders", "csv"] = "gldv2"
+    format: Literal["gldv2", "folders", "csv", "local_sets"] = "gldv2"
     root: str = ""
     gldv2_list: str = "train_clean.csv"
     csv: str | None = None
@@ -132,6 +140,8 @@ class DataConfig:
     val_resize: int | None = None
     num_workers: int = 8
     check_files: bool = True
+    set_size: int = 1000
+    set_keep: tuple[float, float] = (0.5, 1.0)
 
 
 @dataclass
@@ -292,9 +302,47 @@ class TrainConfig:
                 "val.retrieval_datasets needs val.retrieval_root",
             ),
         ]
+        checks += [
+            (self.data.set_size >= 1, "data.set_size must be >= 1"),
+            (
+                0 < self.data.set_keep[0] <= self.data.set_keep[1] <= 1,
+                "data.set_keep must be (low, high) with 0 < low <= high <= 1",
+            ),
+            (
+                self.data.format != "local_sets" or not self.val.retrieval_datasets,
+                "val.retrieval_datasets needs a model of images (retrieval validation extracts descriptors "
+                "of the benchmark's images); with data.format=local_sets set val.retrieval_datasets=[] and "
+                "evaluate the trained set model with `tokenret evaluate --local ... --aggregator token`",
+            ),
+        ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        self._check_model_input()
+
+    def _check_model_input(self) -> None:
+        """A set model (``token_set_*``) trains on data.format=local_sets, an image model on images."""
+        from tokenret.models.local import is_local_model
+        from tokenret.models.registry import get_model_config, list_models
+
+        if is_local_model(self.model.name):  # HOW / DELF networks train on images
+            if self.data.format == "local_sets":
+                raise ConfigError(f"model {self.model.name!r} is a local-feature net: it trains on images")
+            return
+        if self.model.name not in list_models():
+            return  # reported when the model is built, with the list of names
+        sets_model = getattr(get_model_config(self.model.name).family, "input_kind", "images") == "sets"
+        sets_data = self.data.format == "local_sets"
+        if sets_model and not sets_data:
+            raise ConfigError(
+                f"model {self.model.name!r} takes sets of local descriptors: set data.format=local_sets and "
+                "data.root to a folder made by `tokenret extract-local`"
+            )
+        if sets_data and not sets_model:
+            raise ConfigError(
+                "data.format=local_sets needs a model of descriptor sets (token_set_*), "
+                f"not {self.model.name!r}"
+            )
 
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(TrainConfig))

@@ -58,10 +58,17 @@ from tokenret.data.folders import (
     split_per_class,
 )
 from tokenret.data.gldv2 import read_gldv2
+from tokenret.data.local_sets import (
+    LabelledSets,
+    LocalSetDataset,
+    drop_empty_sets,
+    read_local_sets,
+    split_sets_by_list,
+)
 from tokenret.models import checkpoints as ck
+from tokenret.models.local import create_local_model, is_local_model
 from tokenret.models.margin import MARGIN_HEADS
-from tokenret.models.registry import create_model
-from tokenret.models.retrieval import RetrievalModel
+from tokenret.models.registry import create_model, get_model_config
 from tokenret.train.config import (
     ConfigError,
     TrainConfig,
@@ -116,29 +123,61 @@ RUN_CONTROL_KEYS = frozenset(
 )
 
 
+#: A batch's network input: images (B, 3, H, W), or several tensors (descriptor sets and padding masks).
+Inputs = Tensor | tuple[Tensor, ...]
+
+
 class TrainingModel(nn.Module):
-    """Retrieval network + margin head: ``(images, labels) -> margin logits``.
+    """Retrieval network + margin head: ``(inputs, labels) -> margin logits``.
+
+    ``inputs`` is an image batch, or a tuple passed as arguments to ``net.forward_features`` (a set model's
+    descriptors and padding mask).
 
     Attributes:
         net: the retrieval model (what checkpoints save as the model and ``create_model`` rebuilds).
         classifier: ArcFace/CosFace head (the release's ``classifier``), used only for training.
     """
 
-    def __init__(self, net: RetrievalModel, classifier: nn.Module) -> None:
+    def __init__(self, net: nn.Module, classifier: nn.Module) -> None:
         super().__init__()
         self.net = net
         self.classifier = classifier
 
-    def forward(self, images: Tensor, labels: Tensor) -> Tensor:
-        return self.classifier(self.net.forward_features(images), labels)
+    def forward(self, inputs: Inputs, labels: Tensor) -> Tensor:
+        return self.classifier(forward_features(self.net, inputs), labels)
+
+
+def forward_features(net: nn.Module, inputs: Inputs) -> Tensor:
+    """``net.forward_features`` of an image batch, or of a tuple of tensors given as arguments."""
+    if isinstance(inputs, (tuple, list)):
+        return net.forward_features(*inputs)
+    return net.forward_features(inputs)
+
+
+def _to_device(
+    inputs: Inputs,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    memory_format: torch.memory_format,
+    non_blocking: bool = False,
+) -> Inputs:
+    """Move a batch's inputs to ``device``: floating tensors to ``dtype`` (None: kept), 4-D ones to
+    ``memory_format``."""
+    if isinstance(inputs, (tuple, list)):
+        return tuple(_to_device(t, device, dtype, memory_format, non_blocking) for t in inputs)
+    if inputs.is_floating_point() and dtype is not None:
+        inputs = inputs.to(device, dtype=dtype, non_blocking=non_blocking)
+    else:
+        inputs = inputs.to(device, non_blocking=non_blocking)
+    return inputs.contiguous(memory_format=memory_format) if inputs.ndim == 4 else inputs
 
 
 @dataclass
 class TrainData:
-    """Training and validation images (same class numbering over both)."""
+    """Training and validation images, or descriptor sets (same class numbering over both)."""
 
-    train: LabelledImages
-    val: LabelledImages | None
+    train: LabelledImages | LabelledSets
+    val: LabelledImages | LabelledSets | None
 
     @property
     def num_classes(self) -> int:
@@ -152,6 +191,8 @@ def load_training_data(cfg: TrainConfig) -> TrainData:
     happen to be present.
     """
     d = cfg.data
+    if d.format == "local_sets":
+        return load_local_sets_data(cfg)
     if d.format in ("gldv2", "folders") and not d.root:
         raise ConfigError(f"data.root is empty: give the {d.format} dataset folder (data.root=PATH)")
     if d.format == "csv" and not d.csv:
@@ -181,6 +222,37 @@ def load_training_data(cfg: TrainConfig) -> TrainData:
     if len(train) == 0:
         raise FileNotFoundError(f"no training images found for data.format={d.format} root={d.root!r}")
     return TrainData(train, val if val is not None and len(val) else None)
+
+
+def load_local_sets_data(cfg: TrainConfig) -> TrainData:
+    """Read a ``local_sets`` folder, split it like images (list or seeded per-class split), drop empty sets.
+
+    As for missing images, the split is made on every listed item before empty ones are dropped.
+    """
+    d = cfg.data
+    if not d.root:
+        raise ConfigError(
+            "data.root is empty: give the folder written by `tokenret extract-local` (data.root=PATH)"
+        )
+    sets = read_local_sets(d.root)
+    if d.val_list:
+        train_idx, val_idx = split_sets_by_list(sets, read_id_list(d.val_list))
+    else:
+        train_idx, val_idx = split_per_class(sets.labels, d.val_fraction, d.split_seed)
+    train, dropped = drop_empty_sets(sets.subset(train_idx))
+    val, dropped_val = drop_empty_sets(sets.subset(val_idx))
+    if dropped or dropped_val:
+        log.warning(
+            "%d of %d set(s) have no descriptor (unreadable images?) and are left out (%d training, "
+            "%d validation)",
+            dropped + dropped_val,
+            len(sets),
+            dropped,
+            dropped_val,
+        )
+    if len(train) == 0:
+        raise FileNotFoundError(f"no training set with descriptors in {d.root}")
+    return TrainData(train, val if len(val) else None)
 
 
 def build_optimizer(model: nn.Module, optim: Any, lr: float) -> torch.optim.SGD:
@@ -323,18 +395,24 @@ class Trainer:
             )
         self.model.train()
 
-        self.train_dataset = LabelledImageDataset(
-            self.data.train,
-            TrainTransform(
-                cfg.data.image_size,
-                cfg.data.crop_scale,
-                cfg.data.crop_ratio,
-                cfg.data.hflip,
-                cfg.data.color_jitter,
-                cfg.data.color_jitter_p,
-            ),
-            seed=r.seed,
-        )
+        self.train_dataset: LabelledImageDataset | LocalSetDataset
+        if isinstance(self.data.train, LabelledSets):
+            self.train_dataset = LocalSetDataset(
+                self.data.train, cfg.data.set_size, cfg.data.set_keep, seed=r.seed
+            )
+        else:
+            self.train_dataset = LabelledImageDataset(
+                self.data.train,
+                TrainTransform(
+                    cfg.data.image_size,
+                    cfg.data.crop_scale,
+                    cfg.data.crop_ratio,
+                    cfg.data.hflip,
+                    cfg.data.color_jitter,
+                    cfg.data.color_jitter_p,
+                ),
+                seed=r.seed,
+            )
         self.sampler = GlobalBatchSampler(
             len(self.data.train), r.batch_size, self.ctx.world_size, self.ctx.rank, r.grad_accum, r.seed
         )
@@ -365,13 +443,21 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- set-up
 
-    def _build_net(self) -> RetrievalModel:
+    def _build_net(self) -> nn.Module:
         m = self.cfg.model
         kwargs = dict(m.kwargs)
-        if m.init_checkpoint:
+        if is_local_model(m.name):  # HOW / DELF: their own factory, their own key names
+            if kwargs:
+                raise ConfigError(f"model.kwargs are not supported for {m.name}; got {sorted(kwargs)}")
+            net = create_local_model(
+                m.name,
+                checkpoint=m.init_checkpoint,
+                imagenet_weights=bool(m.backbone_weights) and not m.init_checkpoint,
+            )
+        elif m.init_checkpoint:
             net = create_model(m.name, checkpoint=m.init_checkpoint, **kwargs)
         else:
-            if m.backbone_weights:
+            if m.backbone_weights and get_model_config(m.name).backbone is not None:
                 kwargs["backbone_weights"] = m.backbone_weights
             net = create_model(m.name, **kwargs)
         for prefix in m.freeze:
@@ -549,7 +635,7 @@ class Trainer:
     def learning_rate(self) -> float:
         return self.schedule(self.step)
 
-    def run_step(self, micro_batches: list[tuple[Tensor, Tensor]]) -> None:
+    def run_step(self, micro_batches: list[tuple[Inputs, Tensor]]) -> None:
         """One optimizer step over this process's micro-batches of the current global batch."""
         r = self.cfg.train
         lr = self.schedule(self.step)
@@ -560,7 +646,7 @@ class Trainer:
         non_blocking = self.device.type == "cuda"
         dtype = next(self.net.parameters()).dtype  # float32, or float64 for numerical checks
         for a, (x, y) in enumerate(micro_batches):
-            x = x.to(self.device, dtype=dtype, non_blocking=non_blocking).contiguous(memory_format=fmt)
+            x = _to_device(x, self.device, dtype, fmt, non_blocking)
             y = y.to(self.device, non_blocking=non_blocking)
             sync = self.ddp.no_sync() if self.ddp is not None and a < accum - 1 else contextlib.nullcontext()
             with sync:
@@ -697,7 +783,10 @@ class Trainer:
                 np.random.default_rng(self.cfg.train.seed).choice(len(idx), v.max_images, replace=False)
             )
         idx = idx[self.ctx.rank :: self.ctx.world_size]
-        ds = LabelledImageDataset(images.subset(idx), ValTransform(d.image_size, d.val_resize))
+        if isinstance(images, LabelledSets):
+            ds = LocalSetDataset(images.subset(idx), d.set_size, keep=None)
+        else:
+            ds = LabelledImageDataset(images.subset(idx), ValTransform(d.image_size, d.val_resize))
         loader = DataLoader(
             ds, batch_size=v.batch_size, num_workers=d.num_workers, pin_memory=self.device.type == "cuda"
         )
@@ -705,10 +794,10 @@ class Trainer:
         fmt = torch.channels_last if self.cfg.train.channels_last else torch.contiguous_format
         k = min(5, self.num_classes)
         for x, y in loader:
-            x = x.to(self.device).contiguous(memory_format=fmt)
+            x = _to_device(x, self.device, None, fmt)
             y = y.to(self.device)
             with _autocast(self.device, self.cfg.train.amp):
-                feats = self.net.forward_features(x)
+                feats = forward_features(self.net, x)
             feats = feats.float()
             logits = self.model.classifier(feats, y)
             cos = self.model.classifier.cosine(feats)
