@@ -173,3 +173,43 @@ def test_extract_local_and_codebook_commands_write_what_training_reads(tmp_path,
     # every centroid lies inside the data's range (k-means means of stored descriptors)
     x = np.concatenate([store.get(i) for i in range(len(store))])
     assert (cb.centroids >= x.min(0) - 1e-4).all() and (cb.centroids <= x.max(0) + 1e-4).all()
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, paths, out_dir, result_dir):
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        cfg = lx.LocalExtractionConfig(max_size=16, num_workers=0, shard_size=2, device="cpu")
+        res = lx.extract_local_sets(MeanColour(), paths, None, cfg, out_dir, progress=False)
+        lengths = res.store.lengths
+        flat = np.concatenate([res.store.get(i) for i in range(len(res.store))])
+        np.savez(f"{result_dir}/rank{rank}.npz", lengths=lengths, flat=flat)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_processes_share_the_shards_and_both_read_every_set(tmp_path):
+    paths = _images(tmp_path / "im", 7)
+    out, results = tmp_path / "shards", tmp_path / "results"
+    results.mkdir()
+    torch.multiprocessing.spawn(_worker, args=(2, _free_port(), paths, str(out), str(results)), nprocs=2)
+    single = lx.extract_local_sets(
+        MeanColour(), paths, None, lx.LocalExtractionConfig(16, num_workers=0), progress=False
+    )
+    want = np.concatenate([single.store.get(i) for i in range(7)])
+    for r in (0, 1):
+        got = np.load(results / f"rank{r}.npz")
+        assert got["lengths"].tolist() == single.store.lengths.tolist()
+        np.testing.assert_array_equal(got["flat"], want)
+    assert sorted(p.name for p in out.glob("shard_*") if p.is_dir()) == [f"shard_{s:05d}" for s in range(4)]
