@@ -30,9 +30,10 @@ are the database images of that object (N / n_objects of them). Codebooks and th
 images of other objects.
 
 Usage:
-    nice -n 10 python bench/aggregators.py                          # N 5000, n 1000 (~10 min, 2 cores)
-    python bench/aggregators.py --n-images 1000 --n-desc 300        # quick run (~1 min)
-    python bench/aggregators.py --asmk-words 65536 --token-encode 0 # HOW's codebook; encode every image
+    nice -n 10 python bench/aggregators.py                          # N 5000, n 1000 (~13 min, 2 vCPUs)
+    python bench/aggregators.py --n-images 1000 --n-desc 300 --token-encode 0     # quick run (~4 min)
+    python bench/aggregators.py --n-images 1000 --methods asmk --asmk-words 65536 --kmeans-per-word 4
+                                                                    # HOW's codebook size (~13 min)
 """
 
 from __future__ import annotations
