@@ -7,7 +7,7 @@ DataLoader workers, equal-size batching, optional bf16 autocast). Both run the s
 process; the images are synthetic 1024x768 / 768x1024 JPEGs written to a temporary folder (content does not
 change the speed).
 
-    python bench/extract.py [--n 6] [--threads 2] [--repeats 3] [--skip-bf16] [--device cpu|cuda] [--json F]
+    python bench/extract.py [--n 6] [--threads 2] [--repeats 3] [--compile] [--skip-bf16] [--json F]
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=1, help="runs per variant, interleaved (median)")
+    ap.add_argument("--compile", action="store_true", help="add a torch.compile row (compiled once first)")
     ap.add_argument("--skip-bf16", action="store_true", help="no bf16 (slow without avx512_bf16)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -68,14 +69,18 @@ def main() -> None:
             Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(p, quality=85)
             paths.append(p)
 
-        def ours(amp: str, fold: bool = True):
-            cfg = ExtractionConfig(
+        def config(amp: str = "off", fold: bool = True, compile: bool = False) -> ExtractionConfig:
+            return ExtractionConfig(
                 batch_size=args.batch_size,
                 num_workers=args.workers,
                 device=args.device,
                 amp=amp,
                 fold_batchnorm=fold,
+                compile=compile,
             )
+
+        def ours(amp: str, fold: bool = True, compile: bool = False):
+            cfg = config(amp, fold, compile)
             return lambda: extract_descriptors(model, paths, config=cfg, progress=False).descriptors
 
         runs = {
@@ -83,6 +88,8 @@ def main() -> None:
             "tokenret fp32": ours("off"),
             "tokenret fp32, BatchNorm not folded": ours("off", fold=False),
         }
+        if args.compile:
+            runs["tokenret fp32 + torch.compile (trunk)"] = ours("off", compile=True)
         if not args.skip_bf16:
             runs["tokenret bf16 autocast"] = ours("bf16")
         if dev.type == "cuda":
@@ -92,6 +99,12 @@ def main() -> None:
         extract_descriptors(
             model, paths[:1], config=ExtractionConfig(device=args.device, num_workers=0), progress=False
         )
+        compile_seconds = None
+        if args.compile:  # the one-off compilation, reported apart (later calls re-use the compiled copy)
+            t = time.perf_counter()
+            extract_descriptors(model, paths[:2], config=config(compile=True), progress=False)
+            compile_seconds = time.perf_counter() - t
+            print(f"torch.compile warm-up (2 images): {compile_seconds:.0f} s")
         # the variants take turns, repeat after repeat, so a busy minute on a shared machine hits them all
         times: dict[str, list[float]] = {name: [] for name in runs}
         outs = {}
@@ -120,7 +133,9 @@ def main() -> None:
                 f"min cos vs release {r['min_cosine_vs_release']:.6f}"
             )
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+        Path(args.json).write_text(
+            json.dumps({"args": vars(args), "rows": rows, "compile_seconds": compile_seconds}, indent=2)
+        )
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -66,3 +68,30 @@ def test_extraction_with_and_without_folding_agree(tmp_path):
         runs[fold] = extract_descriptors(model, paths, config=cfg, progress=False).descriptors
     np.testing.assert_allclose(runs[True], runs[False], atol=2e-5)
     assert sum(type(m) is nn.BatchNorm2d for m in model.modules()) == 21  # the caller's model is untouched
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on CPU needs a C++ compiler"
+)
+def test_compiled_extraction_gives_the_same_descriptors_and_is_reused(tmp_path):
+    from tokenret import extract as ex
+
+    rng = np.random.default_rng(1)
+    paths = []
+    for i in range(3):
+        p = tmp_path / f"{i}.png"
+        Image.fromarray(rng.integers(0, 255, (48, 40 + 8 * i, 3), dtype=np.uint8)).save(p)
+        paths.append(p)
+    model = tokenret.create_model("token_r50", backbone="resnet18", dim=32, num_heads=4, out_dim=16)
+    _randomise_bn(model)
+    plain = ExtractionConfig(max_size=48, scales=(1.0, 0.75), num_workers=0)
+    compiled = ExtractionConfig(max_size=48, scales=(1.0, 0.75), num_workers=0, compile=True)
+    want = extract_descriptors(model, paths, config=plain, progress=False).descriptors
+    got = extract_descriptors(model, paths, config=compiled, progress=False).descriptors
+    np.testing.assert_allclose(got, want, atol=2e-5)
+    network = ex.inference_network(model, compiled)
+    assert ex.inference_network(model, compiled) is network  # same weights: compiled once
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)  # new weights: a new copy
+    assert ex.inference_network(model, compiled) is not network

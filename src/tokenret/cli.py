@@ -80,6 +80,9 @@ def add_extraction_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=2, help="image decoding processes")
     p.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off", help="autocast (fp16: GPU only)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile the trunk (a minute once, then ~1.1x faster)"
+    )
 
 
 def model_from_args(args: argparse.Namespace):
@@ -104,6 +107,7 @@ def extraction_config_from_args(args: argparse.Namespace):
         num_workers=args.workers,
         amp=args.amp,
         device=args.device,
+        compile=getattr(args, "compile", False),
     )
 
 

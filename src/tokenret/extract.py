@@ -60,7 +60,9 @@ class ExtractionConfig:
         amp: "off", "bf16" (CPU or GPU) or "fp16" (GPU only) autocast for the forward pass.
         channels_last: NHWC memory format (1.3-1.9x faster convolutions on CPU and GPU).
         fold_batchnorm: run an inference copy with BatchNorms folded into the convolutions (same
-            descriptors to float rounding; about 1.5x faster on CPU, see ``tokenret.models.fuse``).
+            descriptors to float rounding; about 1.2x faster end to end on CPU, see ``tokenret.models.fuse``).
+        compile: also ``torch.compile`` the copy's trunk (dynamic shapes): a one-off compilation (about a
+            minute on a 2-core CPU, kept for later calls with the same weights), then ~1.1x faster.
         device: "cpu", "cuda", "cuda:1", ... (default: cuda when available).
         shard_size: images per shard file when writing to disk.
     """
@@ -72,6 +74,7 @@ class ExtractionConfig:
     amp: str = "off"
     channels_last: bool = True
     fold_batchnorm: bool = True
+    compile: bool = False
     device: str | None = None
     shard_size: int = 1000
 
@@ -250,6 +253,40 @@ def _extract_range(
     return out, failures
 
 
+#: The last compiled inference copy: compiling takes a minute, so consecutive extractions with the same
+#: model, weights and settings (database, then queries) share it.
+_COMPILED: dict[str, Any] = {}
+
+
+def _weights_state(model: nn.Module) -> tuple:
+    """Changes whenever a parameter or buffer is replaced or modified in place (optimizer steps included)."""
+    return tuple((t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers()))
+
+
+def inference_network(model: nn.Module, config: ExtractionConfig) -> nn.Module:
+    """What the forward passes run: ``model`` itself, or a copy with folded BatchNorms, channels_last and an
+    optionally compiled trunk. The caller's model is never modified (apart from ``.to(device)``)."""
+    key = (id(model), _weights_state(model), config.fold_batchnorm, config.channels_last)
+    if config.compile and _COMPILED.get("key") == key:
+        return _COMPILED["network"]
+    network = fold_batchnorm(model) if config.fold_batchnorm else model
+    if config.channels_last:
+        network = network.to(memory_format=torch.channels_last)
+    if config.compile:
+        import copy
+
+        if network is model:
+            network = copy.deepcopy(model)
+        trunk = getattr(network, "backbone", None)
+        if isinstance(trunk, nn.Module):
+            network.backbone = torch.compile(trunk, dynamic=True)
+        else:
+            network = torch.compile(network, dynamic=True)
+        _COMPILED.clear()
+        _COMPILED.update(key=key, network=network)
+    return network
+
+
 def extract_descriptors(
     model: nn.Module,
     paths: Sequence[str | Path],
@@ -281,9 +318,7 @@ def extract_descriptors(
     device = config.resolved_device()
     model = model.eval().to(device)
     # the descriptors are identified by the model as given; the forward passes may use a folded copy
-    network = fold_batchnorm(model) if config.fold_batchnorm else model
-    if config.channels_last:
-        network = network.to(memory_format=torch.channels_last)
+    network = inference_network(model, config)
     dim = int(model.descriptor_dim)
     dataset = ImageList(paths, boxes, config.max_size)
     n = len(dataset)
@@ -412,6 +447,7 @@ __all__ = [
     "ShardStore",
     "asdict",
     "extract_descriptors",
+    "inference_network",
     "model_fingerprint",
     "multiscale_descriptor",
 ]
