@@ -18,6 +18,8 @@ def test_models_lists_the_registry(capsys):
     for name in tokenret.list_models():
         assert name in out
     assert "82.16 / 65.75 / 89.40 / 78.44" in out  # R101-Token's released numbers
+    for name in ("how_r18", "how_r50", "how_r101", "delf_r50"):  # the local-feature extractors too
+        assert f"\n{name} " in out
     assert main(["models", "token_*"]) == 0
     assert "rmac_r101" not in capsys.readouterr().out
 

@@ -14,6 +14,7 @@ from tokenret.models import checkpoints as ck
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
+    from tokenret.models.local import list_local_models, local_model_description
     from tokenret.models.registry import get_model_config, list_models
 
     rows = []
@@ -24,10 +25,18 @@ def _cmd_models(args: argparse.Namespace) -> int:
         trunk = cfg.backbone or "- (sets)"
         rows.append((name, trunk, str(cfg.descriptor_dim), w.filename if w else "-", paper))
     header = ("model", "backbone", "dim", "released weights", "paper mAP ROxf M/H, RPar M/H")
+    _print_table(header, rows)
+    local = [(n, local_model_description(n).split(";")[0][:100]) for n in list_local_models(args.pattern)]
+    if local:
+        print("\nlocal-feature extractors (--local NAME):")
+        _print_table(("name", "description"), local)
+    return 0
+
+
+def _print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for r in [header, *rows]:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
-    return 0
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
