@@ -63,9 +63,10 @@ def test_shipped_token_config_is_the_papers_recipe():
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_every_shipped_config_loads_and_names_a_registered_model(path):
     import tokenret
+    from tokenret.models.local import list_local_models
 
     cfg = load_config(path)
-    assert cfg.model.name in tokenret.list_models()
+    assert cfg.model.name in tokenret.list_models() + list_local_models()
     assert config_from_dict(config_to_dict(cfg)) == cfg  # what a checkpoint stores rebuilds the same config
 
 
