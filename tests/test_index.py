@@ -421,3 +421,38 @@ def test_from_arrays_searches_rows_in_place_and_skips_dead_rows(tmp_path):
     np.testing.assert_array_equal(found, expected)
     with pytest.raises(ValueError, match="unique"):
         ExactIndex.from_arrays(mm, np.zeros(50, np.int64))
+
+
+def test_single_queries_by_the_faiss_float16_scan_equal_the_blas_path():
+    """Few queries go through FAISS's float16 scan over the rows it owns; more through upcast + BLAS. Both
+    must give the same ids and (to summation order) scores, with removals, growth, compaction and ties."""
+    pytest.importorskip("faiss")
+    from tokenret.index import exact
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3000, 48)).astype(np.float32)
+    x[100] = x[7]  # an exact tie: lower id first in both paths
+    fast = ExactIndex(48)
+    slow = ExactIndex(48, faiss_scan=False)
+    for index in (fast, slow):
+        index.add(x[:1500])
+        index.add(x[1500:])  # grows the storage
+        index.remove(np.arange(1, 3000, 7))  # 14% removed (not 7, 51, 100): compacted past 1/16
+        index.remove([2999])
+    assert fast._sq is not None and slow._sq is None
+    q = np.concatenate([x[[7, 51]], rng.standard_normal((3, 48)).astype(np.float32)])
+    for i in range(len(q)):
+        sf, idf = fast.search(q[i : i + 1], 20)
+        ss, ids = slow.search(q[i : i + 1], 20)
+        np.testing.assert_array_equal(idf, ids)
+        np.testing.assert_allclose(sf, ss, rtol=1e-6, atol=1e-6)
+    assert fast.search(x[7:8], 3)[1][0, :2].tolist() == [7, 100]
+    assert 2999 not in fast.search(x[2999:3000], 50)[1]
+    # more queries than FAISS_SCAN_MAX_QUERIES take the BLAS path: identical results
+    many = q[: exact.FAISS_SCAN_MAX_QUERIES + 1]
+    np.testing.assert_array_equal(fast.search(many, 20)[1], slow.search(many, 20)[1])
+    # k beyond the live rows pads
+    small = ExactIndex(48)
+    small.add(x[:3])
+    s, i = small.search(x[:1], 5)
+    assert i[0].tolist()[3:] == [-1, -1] and np.isinf(s[0, 3:]).all()

@@ -53,6 +53,11 @@ _MAX_SELECT_ROWS = 1 << 16
 #: Candidate lists are merged once they hold this many times k columns.
 _MERGE_WIDTH_FACTOR = 16
 
+#: Up to this many queries, a search scans the float16 rows with FAISS's scalar-quantizer kernel, which
+#: converts inside its dot-product loop: one memory pass at ~1.6x its bandwidth time, against ~2.4x for
+#: upcast chunks + BLAS (262k x 1024, 1 thread; bench/README.md "search"). From a few queries on, BLAS wins.
+FAISS_SCAN_MAX_QUERIES = 2
+
 VECTORS_FILE = "vectors.npy"
 IDS_FILE = "ids.npy"
 
@@ -68,6 +73,10 @@ class ExactIndex(VectorIndex):
         compact_fraction: in-memory storage is compacted as soon as removed rows exceed this
             fraction; a memory-mapped index only marks removals until :meth:`compact` or
             :meth:`save`.
+        faiss_scan: keep in-memory rows in FAISS-owned storage (a float16 scalar-quantizer index that
+            numpy views without a copy) so single queries use FAISS's fused float16 scan; scores are the
+            same float32 inner products of the float16 rows up to summation order (~1e-7). Without FAISS
+            installed, or for memory-mapped rows, the BLAS path serves every query.
 
     Example:
         >>> import numpy as np
@@ -90,6 +99,7 @@ class ExactIndex(VectorIndex):
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         query_block: int = DEFAULT_QUERY_BLOCK,
         compact_fraction: float = 1 / 16,
+        faiss_scan: bool = True,
     ) -> None:
         super().__init__(dim)
         if chunk_size < 1 or query_block < 1:
@@ -97,6 +107,8 @@ class ExactIndex(VectorIndex):
         self.chunk_size = int(chunk_size)
         self.query_block = int(query_block)
         self.compact_fraction = float(compact_fraction)
+        self.faiss_scan = bool(faiss_scan)
+        self._sq = None  # the FAISS index owning self._vectors' memory, when faiss_scan applies
         self._vectors: np.ndarray = np.empty((0, self.dim), np.float16)  # capacity rows, first _n used
         self._ids: np.ndarray = np.empty(0, np.int64)
         self._n = 0
@@ -175,17 +187,30 @@ class ExactIndex(VectorIndex):
         self._lookup = None
         return ids
 
+    def _new_storage(self, capacity: int) -> tuple[np.ndarray, Any]:
+        """(capacity, dim) float16 rows for in-memory storage, and the FAISS index owning their memory when
+        faiss_scan applies (else None). The array is only valid while that index lives: assign both to
+        ``self._vectors`` / ``self._sq`` together, after copying out of the old storage."""
+        faiss = _optional_faiss() if self.faiss_scan and capacity > 0 else None
+        if faiss is None:
+            return np.empty((capacity, self.dim), np.float16), None  # untouched pages cost no memory
+        sq = faiss.IndexScalarQuantizer(self.dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+        nbytes = capacity * self.dim * 2
+        sq.codes.resize(nbytes)  # QT_fp16 codes are the IEEE half values of the components, row by row
+        array = faiss.rev_swig_ptr(sq.codes.data(), nbytes).view(np.float16).reshape(capacity, self.dim)
+        return array, sq
+
     def _reserve(self, extra: int) -> None:
         """Make room for ``extra`` more rows, in memory (a memory-mapped index is copied in)."""
         need = self._n + extra
         if need <= len(self._vectors) and not self.is_memory_mapped:
             return
         capacity = max(need, int(len(self._vectors) * 1.5), 1024)
-        vectors = np.empty((capacity, self.dim), np.float16)  # untouched pages cost no memory
-        vectors[: self._n] = self._vectors[: self._n]
+        vectors, sq = self._new_storage(capacity)
+        vectors[: self._n] = self._vectors[: self._n]  # the old storage (and its owner) is still alive
         ids = np.empty(capacity, np.int64)
         ids[: self._n] = self._ids[: self._n]
-        self._vectors, self._ids = vectors, ids
+        self._vectors, self._sq, self._ids = vectors, sq, ids
         if self._alive is not None:
             alive = np.zeros(capacity, bool)
             alive[: self._n] = self._alive[: self._n]
@@ -212,7 +237,13 @@ class ExactIndex(VectorIndex):
         if self._alive is None:
             return
         keep = self._alive[: self._n]
-        self._vectors = np.ascontiguousarray(self._vectors[: self._n][keep])
+        kept = self._vectors[: self._n][keep]  # a copy (boolean indexing)
+        if self.is_memory_mapped:
+            self._vectors = np.ascontiguousarray(kept)
+        else:
+            vectors, sq = self._new_storage(len(kept))
+            vectors[:] = kept
+            self._vectors, self._sq = vectors, sq
         self._ids = self._ids[: self._n][keep].copy()
         self._n = len(self._ids)
         self._alive = None
@@ -283,6 +314,8 @@ class ExactIndex(VectorIndex):
         ids = np.full((nq, k), -1, np.int64)
         if nq == 0 or self.ntotal == 0:
             return scores, ids
+        if nq <= FAISS_SCAN_MAX_QUERIES and self._sq is not None:
+            return self._faiss_scan(q, k)
         with warnings.catch_warnings():
             # torch warns that a read-only memory map gives a non-writable tensor; it is only read
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
@@ -291,6 +324,18 @@ class ExactIndex(VectorIndex):
                 s, i = self._search_block(q[b0:b1], k)
                 scores[b0:b1], ids[b0:b1] = sort_results(s, i, k)
         return scores, ids
+
+    def _faiss_scan(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """A few queries by FAISS's float16 scan over the rows it owns (removed rows excluded)."""
+        faiss = _optional_faiss()
+        self._sq.ntotal = self._n
+        params = None
+        if self._alive is not None:
+            bitmap = np.packbits(self._alive[: self._n], bitorder="little")
+            params = faiss.SearchParameters(sel=faiss.IDSelectorBitmap(self._n, faiss.swig_ptr(bitmap)))
+        scores, rows = self._sq.search(q, min(k, self._n), params=params)
+        ids = np.where(rows >= 0, self._ids[np.maximum(rows, 0)], -1)
+        return sort_results(scores, ids, k)
 
     def _search_block(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Best k (unordered) for a block of queries in one pass over the stored rows."""
@@ -379,6 +424,14 @@ class ExactIndex(VectorIndex):
             raise IndexFormatError(f"{ids_path} has negative or repeated ids")
         index._vectors, index._ids, index._n = vectors, np.array(ids), n
         return index
+
+
+def _optional_faiss():
+    try:
+        import faiss
+    except ImportError:
+        return None
+    return faiss
 
 
 class _RunningTopK:
