@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from tokenret.aggregate.asmk import AsmkIndex
-from tokenret.aggregate.codebook import Codebook
+from tokenret.aggregate.codebook import DEFAULT_SEED, Codebook
 from tokenret.aggregate.local_store import pad_sets
 from tokenret.aggregate.vlad import VladEncoder
 
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 CODEBOOK_SAMPLES_PER_WORD = 256
 
 
-def learn_codebook(sets: Sequence[np.ndarray], size: int, seed: int = 0) -> Codebook:
+def learn_codebook(sets: Sequence[np.ndarray], size: int, seed: int = DEFAULT_SEED) -> Codebook:
     """k-means codebook from the union of ``sets`` (sub-sampled to 256 descriptors per word)."""
     x = np.concatenate([np.asarray(s, np.float32) for s in sets if len(s)])
     return Codebook.train(x, size, seed=seed, max_descriptors=CODEBOOK_SAMPLES_PER_WORD * int(size))
@@ -82,7 +82,7 @@ class AsmkAggregator(_CodebookAggregator):
         use_idf: bool = False,
         query_assignment: int = 5,
         database_assignment: int = 1,
-        seed: int = 0,
+        seed: int = DEFAULT_SEED,
     ) -> None:
         super().__init__(codebook, codebook_size, seed)
         self.options = {
@@ -133,7 +133,7 @@ class VladAggregator(_CodebookAggregator):
         codebook_size: int | None = None,
         power: float | None = None,
         intra_normalize: bool = True,
-        seed: int = 0,
+        seed: int = DEFAULT_SEED,
     ) -> None:
         super().__init__(codebook, codebook_size, seed)
         self.power, self.intra_normalize = power, intra_normalize
