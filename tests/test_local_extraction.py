@@ -213,3 +213,18 @@ def test_two_processes_share_the_shards_and_both_read_every_set(tmp_path):
         assert got["lengths"].tolist() == single.store.lengths.tolist()
         np.testing.assert_array_equal(got["flat"], want)
     assert sorted(p.name for p in out.glob("shard_*") if p.is_dir()) == [f"shard_{s:05d}" for s in range(4)]
+
+
+def test_a_selection_that_keeps_nothing_is_reported(tmp_path, caplog):
+    from tokenret.aggregate.aggregators import learn_codebook
+
+    paths = _images(tmp_path / "im", 2)
+    model = MeanColour()
+    model.runtime["features_num"] = 0  # keeps nothing (like DELF's threshold with untrained attention)
+    res = lx.extract_local_sets(
+        model, paths, None, lx.LocalExtractionConfig(16, topk=None, num_workers=0), progress=False
+    )
+    assert res.store.lengths.tolist() == [0, 0]
+    assert "2 of 2 readable images gave no local feature" in caplog.text
+    with pytest.raises(ValueError, match="every set is empty"):
+        learn_codebook([res.store.get(0), res.store.get(1)], 4)

@@ -38,7 +38,13 @@ CODEBOOK_SAMPLES_PER_WORD = 256
 
 def learn_codebook(sets: Sequence[np.ndarray], size: int, seed: int = DEFAULT_SEED) -> Codebook:
     """k-means codebook from the union of ``sets`` (sub-sampled to 256 descriptors per word)."""
-    x = np.concatenate([np.asarray(s, np.float32) for s in sets if len(s)])
+    non_empty = [np.asarray(s, np.float32) for s in sets if len(s)]
+    if not non_empty:
+        raise ValueError(
+            "no local descriptors to learn a codebook from: every set is empty (unreadable images, or a "
+            "selection that keeps nothing, e.g. DELF's score threshold with untrained attention)"
+        )
+    x = np.concatenate(non_empty)
     return Codebook.train(x, size, seed=seed, max_descriptors=CODEBOOK_SAMPLES_PER_WORD * int(size))
 
 

@@ -231,6 +231,14 @@ def extract_local_sets(
 def _finish(result: LocalExtractionResult, on_error: str) -> LocalExtractionResult:
     if result.failures and on_error == "raise":
         raise ExtractionError(result.failures)
+    empty = int((result.store.lengths == 0).sum()) - len(result.failures)
+    if empty > 0:
+        log.warning(
+            "%d of %d readable images gave no local feature (DELF keeps only scores >= its threshold; "
+            "untrained attention scores ~0.7 against a default threshold of 100)",
+            empty,
+            len(result.store) - len(result.failures),
+        )
     return result
 
 
