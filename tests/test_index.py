@@ -456,3 +456,23 @@ def test_single_queries_by_the_faiss_float16_scan_equal_the_blas_path():
     small.add(x[:3])
     s, i = small.search(x[:1], 5)
     assert i[0].tolist()[3:] == [-1, -1] and np.isinf(s[0, 3:]).all()
+
+
+def test_in_memory_copy_of_a_memory_mapped_index_searches_the_same(tmp_path):
+    pytest.importorskip("faiss")
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((500, 32)).astype(np.float32)
+    index = ExactIndex(32)
+    index.add(x, ids=np.arange(1000, 1500))
+    index.save(tmp_path / "idx")
+    mapped = load_index(tmp_path / "idx")
+    assert mapped.is_memory_mapped and mapped._sq is None
+    mapped.remove([1003, 1200])  # marked only (memory-mapped)
+    copy = mapped.in_memory()
+    assert not copy.is_memory_mapped and copy._sq is not None and copy.ntotal == 498
+    for q in (x[3:4], x[10:11], x[:5]):
+        s1, i1 = mapped.search(q, 10)
+        s2, i2 = copy.search(q, 10)
+        np.testing.assert_array_equal(i1, i2)
+        np.testing.assert_allclose(s1, s2, rtol=1e-6, atol=1e-6)
+    assert 1003 not in copy.search(x[3:4], 10)[1]

@@ -113,6 +113,9 @@ class ImageIndex:
         self.dim = int(self.settings["dim"])
         self._state: tuple[int, str, int] | None = None  # (sqlite data_version, fingerprint, images)
         self._exact: tuple[tuple, Any] | None = None  # (content and file key, ExactIndex over the file)
+        #: Exact search over an in-memory copy of the vectors instead of the memory map: single queries then
+        #: use FAISS's fused float16 scan (~1.5x faster); for long-running servers (``tokenret serve``).
+        self.vectors_in_memory = False
         self._ann: tuple[dict[str, Any], Any] | None = None  # (what it covers, FaissIndex)
 
     def _read_settings(self) -> dict[str, Any]:
@@ -688,6 +691,8 @@ class ImageIndex:
             alive = np.zeros(len(vecs), dtype=bool)
             row_ids[rows], alive[rows] = ids, True  # rows of removed or re-described images stay dead
             index = ExactIndex.from_arrays(vecs, row_ids, alive)
+            if self.vectors_in_memory:
+                index = index.in_memory()
         self._exact = (key, index)
         return index
 

@@ -168,6 +168,25 @@ class ExactIndex(VectorIndex):
             index._n_removed = int((~index._alive).sum())
         return index
 
+    def in_memory(self) -> ExactIndex:
+        """A copy of the live rows in memory (FAISS-owned when faiss_scan applies, so single queries use the
+        fused float16 scan); e.g. for a long-running server over a memory-mapped index."""
+        live = np.flatnonzero(self._alive[: self._n]) if self._alive is not None else np.arange(self._n)
+        copy = type(self)(
+            self.dim,
+            chunk_size=self.chunk_size,
+            query_block=self.query_block,
+            compact_fraction=self.compact_fraction,
+            faiss_scan=self.faiss_scan,
+        )
+        vectors, sq = copy._new_storage(len(live))
+        for start in range(0, len(live), 65536):  # bounded reads from a memory map
+            rows = live[start : start + 65536]
+            vectors[start : start + len(rows)] = self._vectors[rows]
+        copy._vectors, copy._sq = vectors, sq
+        copy._ids, copy._n = self._ids[live].copy(), len(live)
+        return copy
+
     # -- adding and removing -------------------------------------------------------------------
 
     def add(self, vectors: np.ndarray, ids: np.ndarray | None = None) -> np.ndarray:

@@ -93,6 +93,7 @@ class SearchService:
         self.device = device
         self.max_upload_bytes = int(max_upload_bytes)
         self.lock = threading.Lock()  # one search at a time: shared model and SQLite connection
+        index.vectors_in_memory = True  # a long-running server: single queries scan an in-memory copy
         index.ann_index()  # load (or bring up to date) the FAISS index now, not on the first query
 
     @classmethod
