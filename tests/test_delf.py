@@ -437,3 +437,25 @@ def test_imagenet_initialisation_maps_torchvision_keys(monkeypatch):
     assert torch.equal(model.features[6][5].conv3.weight, state["layer3.5.conv3.weight"])
     model.load_imagenet_weights("IMAGENET1K_V2")
     assert calls[-1] == ("resnet50", "IMAGENET1K_V2")
+
+
+def test_delf_pca_command_learns_and_saves_a_reloadable_reduction(tmp_path, capsys):
+    from PIL import Image
+
+    from tokenret.cli import main
+    from tokenret.models.local import create_local_model
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "im").mkdir()
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)).save(tmp_path / "im" / f"{i}.png")
+    (tmp_path / "im" / "bad.jpg").write_bytes(b"nope")
+    out = tmp_path / "delf_pca8.pth"
+    argv = ["delf-pca", "--images", str(tmp_path / "im"), "--dim", "8", "--max-size", "64"]
+    assert main([*argv, "--score-threshold", "0", "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "bad.jpg" in printed and "8-d PCA learned from" in printed
+    model = create_local_model("delf_r50", checkpoint=out)
+    assert model.output_dim == 8
+    proj = model.pca_projection.double()
+    torch.testing.assert_close(proj @ proj.T, torch.eye(8, dtype=torch.float64), atol=1e-5, rtol=0)

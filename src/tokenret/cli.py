@@ -306,6 +306,39 @@ def _cmd_extract_local(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_delf_pca(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from tokenret.aggregate.extraction import normalisation
+    from tokenret.data.images import ImageLoadError, load_image, to_tensor
+    from tokenret.index.collection import find_images
+    from tokenret.models.delf import create_delf, learn_pca, save_delf
+
+    model = create_delf("delf_r50", args.checkpoint)
+    if args.score_threshold is not None:
+        model.runtime["score_threshold"] = args.score_threshold
+    paths = find_images(args.images)[: args.max_images]
+    if not paths:
+        raise FileNotFoundError(f"no images found in {args.images}")
+    mean, std = normalisation(model)
+    failures: list[str] = []
+
+    def images():
+        for p in tqdm(paths, desc="DELF PCA", unit="img", disable=args.quiet):
+            try:
+                yield to_tensor(load_image(p, args.max_size), mean, std)
+            except ImageLoadError as e:
+                failures.append(f"{p}: {e}")
+
+    n = learn_pca(model, images(), args.dim)
+    path = save_delf(model, args.out)
+    for f in failures:
+        print(f">> unreadable, left out: {f}")
+    used = len(paths) - len(failures)
+    print(f">> {args.dim}-d PCA learned from {n} descriptors of {used} images; saved {path}")
+    return 0
+
+
 def _cmd_codebook(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -627,6 +660,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_extract_local)
+
+    p = sub.add_parser(
+        "delf-pca", help="learn DELF's descriptor PCA (e.g. 128-d) and save it with the weights"
+    )
+    p.add_argument("--checkpoint", help="DELF weights (e.g. trained with configs/delf_r50_gldv2.yaml)")
+    p.add_argument("--images", required=True, help="a folder of training images (not the test set)")
+    p.add_argument("--dim", type=int, default=128, help="output dimension (released DELF models: 40 or 128)")
+    p.add_argument("--max-images", type=int, default=5000)
+    p.add_argument("--max-size", type=int, default=1024)
+    p.add_argument("--score-threshold", type=float, default=None, help="override the attention threshold")
+    p.add_argument("--out", required=True, help="the DELF file with its PCA (--local-checkpoint of delf_r50)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_delf_pca)
 
     p = sub.add_parser("codebook", help="learn visual words (k-means) for ASMK / VLAD from extracted sets")
     p.add_argument("sets", help="a folder written by `tokenret extract-local`")
