@@ -325,3 +325,25 @@ def test_save_load_round_trip_remove_and_id_rules(tmp_path):
     (tmp_path / f"asmk_{True}" / "asmk.npz").unlink()
     with pytest.raises(IndexFormatError, match="lacks asmk.npz"):
         AsmkIndex.load(tmp_path / f"asmk_{True}")
+
+
+def test_posting_entries_are_int32_and_files_with_int64_entries_still_load(tmp_path):
+    cb = random_codebook()
+    index = AsmkIndex(cb, binary=True)
+    sets = random_sets(12)
+    index.add(sets)
+    index.remove([3])
+    index.save(tmp_path / "new")
+    loaded = AsmkIndex.load(tmp_path / "new")
+    assert loaded._words.dtype == np.int32 and loaded._rows.dtype == np.int32
+    # an index saved with int64 entries (before) loads to the same scores
+    arrays = dict(np.load(tmp_path / "new" / "asmk.npz"))
+    arrays["words"], arrays["rows"] = arrays["words"].astype(np.int64), arrays["rows"].astype(np.int64)
+    (tmp_path / "old").mkdir()
+    for name in ("index.json", "codebook.npy"):
+        (tmp_path / "old" / name).write_bytes((tmp_path / "new" / name).read_bytes())
+    with open(tmp_path / "old" / "asmk.npz", "wb") as f:
+        np.savez(f, **arrays)
+    old = AsmkIndex.load(tmp_path / "old")
+    for q in sets[:4]:
+        np.testing.assert_array_equal(old.score_all(q), index.score_all(q))
