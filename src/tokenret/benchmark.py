@@ -60,17 +60,7 @@ def run_benchmark(
         distractors = extract_descriptors(
             model, paths, None, config, out, progress=progress, desc="R1M"
         ).descriptors
-    report: dict[str, Any] = {
-        "model": getattr(model, "model_name", type(model).__name__),
-        "model_kwargs": getattr(model, "model_kwargs", {}),
-        "model_sha256": model_fp,
-        "extraction": config.fingerprint(),
-        "qe": list(qe) if qe else None,
-        "dba": list(dba) if dba else None,
-        "r1m": len(distractors) if distractors is not None else 0,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "datasets": {},
-    }
+    report = _new_report(model, model_fp, config.fingerprint(), qe, dba, distractors)
     for name in datasets:
         ds = RevisitedDataset.from_root(data_root, name)
         ds.check_images()
@@ -91,6 +81,20 @@ def run_benchmark(
         results, top = evaluate_descriptors(db, q, ds.gnd, ks, qe=qe, dba=dba)
         _report_dataset(report, name, ds, distractors is not None, results, top, print_fn)
     return report
+
+
+def _new_report(model, model_fp: str, extraction: dict, qe, dba, distractors) -> dict[str, Any]:
+    return {
+        "model": getattr(model, "model_name", type(model).__name__),
+        "model_kwargs": getattr(model, "model_kwargs", {}),
+        "model_sha256": model_fp,
+        "extraction": extraction,
+        "qe": list(qe) if qe else None,
+        "dba": list(dba) if dba else None,
+        "r1m": len(distractors) if distractors is not None else 0,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "datasets": {},
+    }
 
 
 def _report_dataset(report, name, ds, with_r1m: bool, results, top, print_fn) -> None:
@@ -147,17 +151,7 @@ def run_local_benchmark(
     distractors = None
     if r1m_root is not None:
         distractors = sets_of(R1MDistractors.from_root(r1m_root).image_paths(), None, "revisitop1m", "R1M")
-    report: dict[str, Any] = {
-        "model": getattr(local_model, "model_name", type(local_model).__name__),
-        "model_kwargs": getattr(local_model, "model_kwargs", {}),
-        "model_sha256": model_fp,
-        "extraction": config.fingerprint(local_model),
-        "qe": list(qe) if qe else None,
-        "dba": list(dba) if dba else None,
-        "r1m": len(distractors) if distractors is not None else 0,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "datasets": {},
-    }
+    report = _new_report(local_model, model_fp, config.fingerprint(local_model), qe, dba, distractors)
     for name in datasets:
         ds = RevisitedDataset.from_root(data_root, name)
         ds.check_images()

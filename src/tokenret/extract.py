@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -403,7 +404,7 @@ class ShardStore:
                 changed = sorted(k for k in manifest if old.get(k) != manifest[k])
                 log.warning("%s holds descriptors made differently (%s); starting afresh", self.root, changed)
                 for f in self.root.glob("shard_*"):
-                    f.unlink()
+                    shutil.rmtree(f) if f.is_dir() else f.unlink()
         _atomic_write_text(path, json.dumps(manifest, indent=1))
 
     def check_manifest(self, manifest: dict[str, Any]) -> None:
@@ -414,22 +415,30 @@ class ShardStore:
     def is_done(self, s: int) -> bool:
         return self._npy(s).exists()
 
-    def write(self, s: int, arr: np.ndarray, failures: dict[int, tuple[str, str]]) -> None:
+    def write_failures(self, s: int, failures: dict[int, tuple[str, str]]) -> None:
         _atomic_write_text(self._failures(s), json.dumps({str(k): list(v) for k, v in failures.items()}))
+
+    def read_failures(self) -> dict[int, tuple[str, str]]:
+        """Unreadable images of every shard: image index -> (path, reason)."""
+        failures: dict[int, tuple[str, str]] = {}
+        for s in range(self.n_shards):
+            if self._failures(s).exists():
+                for k, v in json.loads(self._failures(s).read_text()).items():
+                    failures[int(k)] = (v[0], v[1])
+        return failures
+
+    def write(self, s: int, arr: np.ndarray, failures: dict[int, tuple[str, str]]) -> None:
+        self.write_failures(s, failures)
         tmp = self._npy(s).with_suffix(".tmp.npy")
         np.save(tmp, arr)
         os.replace(tmp, self._npy(s))
 
     def read_all(self, dim: int) -> ExtractionResult:
         out = np.empty((self.n, dim), dtype=np.float32)
-        failures: dict[int, tuple[str, str]] = {}
         for s in range(self.n_shards):
             r = self.shard_range(s)
             out[r.start : r.stop] = np.load(self._npy(s))
-            if self._failures(s).exists():
-                for k, v in json.loads(self._failures(s).read_text()).items():
-                    failures[int(k)] = (v[0], v[1])
-        return ExtractionResult(out, failures)
+        return ExtractionResult(out, self.read_failures())
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 from collections.abc import Sequence
@@ -39,7 +38,7 @@ from tokenret.extract import (
     Box,
     ExtractionError,
     ImageList,
-    _atomic_write_text,
+    ShardStore,
     _collate_one,
     _dist_info,
     _list_fingerprint,
@@ -242,48 +241,21 @@ def _finish(result: LocalExtractionResult, on_error: str) -> LocalExtractionResu
     return result
 
 
-class LocalShardStore:
+class LocalShardStore(ShardStore):
     """Shards of descriptor sets: ``manifest.json``, ``shard_XXXXX/`` (a store) and its failures JSON.
 
     A shard directory appears only once completely written (written under a temporary name, then renamed),
     so an interruption loses at most the shard in progress.
     """
 
-    def __init__(self, root: Path, n: int, shard_size: int) -> None:
-        self.root, self.n, self.shard_size = root, n, max(1, int(shard_size))
-        self.n_shards = math.ceil(n / self.shard_size) if n else 0
-
-    def shard_range(self, s: int) -> range:
-        return range(s * self.shard_size, min(self.n, (s + 1) * self.shard_size))
-
     def _dir(self, s: int) -> Path:
         return self.root / f"shard_{s:05d}"
-
-    def _failures(self, s: int) -> Path:
-        return self.root / f"shard_{s:05d}.failures.json"
-
-    def open(self, manifest: dict[str, Any]) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        path = self.root / "manifest.json"
-        if path.exists():
-            old = json.loads(path.read_text())
-            if old != manifest:
-                changed = sorted(k for k in manifest if old.get(k) != manifest[k])
-                log.warning("%s holds sets made differently (%s); starting afresh", self.root, changed)
-                for f in self.root.glob("shard_*"):
-                    shutil.rmtree(f) if f.is_dir() else f.unlink()
-        _atomic_write_text(path, json.dumps(manifest, indent=1))
-
-    def check_manifest(self, manifest: dict[str, Any]) -> None:
-        on_disk = json.loads((self.root / "manifest.json").read_text())
-        if on_disk != manifest:
-            raise RuntimeError(f"{self.root}: processes disagree on what to extract (different image lists?)")
 
     def is_done(self, s: int) -> bool:
         return (self._dir(s) / "store.json").is_file()
 
     def write(self, s: int, store: LocalDescriptorStore, failures: dict[int, tuple[str, str]]) -> None:
-        _atomic_write_text(self._failures(s), json.dumps({str(k): list(v) for k, v in failures.items()}))
+        self.write_failures(s, failures)
         tmp = self.root / f"{self._dir(s).name}.tmp"
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -293,18 +265,12 @@ class LocalShardStore:
         os.replace(tmp, self._dir(s))
 
     def read_all(self) -> LocalExtractionResult:
-        stores, failures = [], {}
-        for s in range(self.n_shards):
-            stores.append(LocalDescriptorStore.load(self._dir(s)))
-            if self._failures(s).exists():
-                for k, v in json.loads(self._failures(s).read_text()).items():
-                    failures[int(k)] = (v[0], v[1])
-        manifest = json.loads((self.root / "manifest.json").read_text())
+        stores = [LocalDescriptorStore.load(self._dir(s)) for s in range(self.n_shards)]
         if not stores:
-            return LocalExtractionResult(
-                LocalDescriptorStore(int(manifest["dim"]), with_strengths=True), failures
-            )
-        return LocalExtractionResult(LocalDescriptorStore.concatenate(stores), failures)
+            manifest = json.loads((self.root / "manifest.json").read_text())
+            empty = LocalDescriptorStore(int(manifest["dim"]), with_strengths=True)
+            return LocalExtractionResult(empty, self.read_failures())
+        return LocalExtractionResult(LocalDescriptorStore.concatenate(stores), self.read_failures())
 
 
 __all__ = [
