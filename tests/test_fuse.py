@@ -95,3 +95,28 @@ def test_compiled_extraction_gives_the_same_descriptors_and_is_reused(tmp_path):
     with torch.no_grad():
         next(model.parameters()).add_(1.0)  # new weights: a new copy
     assert ex.inference_network(model, compiled) is not network
+
+
+def test_the_folded_copy_is_reused_while_model_and_weights_stay_the_same():
+    import gc
+
+    from tokenret import extract as ex
+
+    cfg = ExtractionConfig(num_workers=0)
+    model = tokenret.create_model("token_r50", backbone="resnet18", dim=32, num_heads=4, out_dim=16).eval()
+    first = ex.inference_network(model, cfg)
+    assert first is not model and ex.inference_network(model, cfg) is first  # no second copy
+    assert ex.inference_network(model, ExtractionConfig(num_workers=0, channels_last=False)) is not first
+    first = ex.inference_network(model, cfg)
+    with torch.no_grad():
+        model.tr.proj[0].weight.mul_(2.0)  # in place, as an optimizer step
+    second = ex.inference_network(model, cfg)
+    assert second is not first
+    torch.testing.assert_close(second.tr.proj[0].weight, model.tr.proj[0].weight)
+    # another model never gets this one's copy, even at a reused address
+    del model, first, second
+    gc.collect()
+    other = tokenret.create_model("token_r50", backbone="resnet18", dim=32, num_heads=4, out_dim=16).eval()
+    net = ex.inference_network(other, cfg)
+    for a, b in zip(net.tr.decoder.parameters(), other.tr.decoder.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
