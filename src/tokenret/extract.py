@@ -27,7 +27,7 @@ import math
 import os
 import shutil
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -326,16 +326,12 @@ def extract_descriptors(
     dim = int(model.descriptor_dim)
     dataset = ImageList(paths, boxes, config.max_size)
     n = len(dataset)
-    rank, world = _dist_info()
-    if out_dir is None:
-        if world > 1:
-            raise ValueError(
-                "distributed extraction needs out_dir (shards are merged through the file system)"
-            )
-        with tqdm(total=n, desc=desc, unit="img", disable=not progress) as bar:
-            desc_arr, failures = _extract_range(network, dataset, range(n), config, device, dim, bar)
-        return _finish(ExtractionResult(desc_arr, failures), on_error)
 
+    def extract_range(indices: Sequence[int], bar: tqdm):
+        return _extract_range(network, dataset, indices, config, device, dim, bar)
+
+    if out_dir is None:
+        return _finish(ExtractionResult(*extract_unsharded(n, extract_range, progress, desc)), on_error)
     store = ShardStore(Path(out_dir), n, config.shard_size)
     manifest = {
         "n": n,
@@ -345,24 +341,18 @@ def extract_descriptors(
         "model": model_fingerprint(model),
         "images": _list_fingerprint(dataset),
     }
-    if rank == 0:
-        store.open(manifest)
-    if world > 1:
-        dist.barrier()
-        store.check_manifest(manifest)
-    mine = [s for s in range(store.n_shards) if s % world == rank]
-    todo = [s for s in mine if not store.is_done(s)]
-    done_images = sum(len(store.shard_range(s)) for s in mine if s not in todo)
-    total = sum(len(store.shard_range(s)) for s in mine)
-    with tqdm(
-        total=total, initial=done_images, desc=desc, unit="img", disable=not progress or rank != 0
-    ) as bar:
-        for s in todo:
-            arr, failures = _extract_range(network, dataset, store.shard_range(s), config, device, dim, bar)
-            store.write(s, arr, failures)
-    if world > 1:
-        dist.barrier()
+    store.fill(manifest, extract_range, progress=progress, desc=desc)
     return _finish(store.read_all(dim), on_error)
+
+
+def extract_unsharded(
+    n: int, extract_range: Callable[[Sequence[int], tqdm], tuple[Any, dict]], progress: bool, desc: str
+) -> tuple[Any, dict]:
+    """All ``n`` images in this process, without shards (refused under torchrun: nothing to merge through)."""
+    if _dist_info()[1] > 1:
+        raise ValueError("distributed extraction needs out_dir (shards are merged through the file system)")
+    with tqdm(total=n, desc=desc, unit="img", disable=not progress) as bar:
+        return extract_range(range(n), bar)
 
 
 def _finish(result: ExtractionResult, on_error: str) -> ExtractionResult:
@@ -418,6 +408,33 @@ class ShardStore:
     def is_done(self, s: int) -> bool:
         return self._npy(s).exists()
 
+    def fill(
+        self,
+        manifest: dict[str, Any],
+        extract_range: Callable[[Sequence[int], tqdm], tuple[Any, dict]],
+        *,
+        progress: bool,
+        desc: str,
+    ) -> None:
+        """Extract and write every unfinished shard of this process. Rank 0 records the manifest (clearing
+        shards made differently); under torchrun each process takes every world_size-th shard, and all wait
+        for the others at the end, so that each can then read every shard."""
+        rank, world = _dist_info()
+        if rank == 0:
+            self.open(manifest)
+        if world > 1:
+            dist.barrier()
+            self.check_manifest(manifest)
+        mine = [s for s in range(self.n_shards) if s % world == rank]
+        todo = [s for s in mine if not self.is_done(s)]
+        total = sum(len(self.shard_range(s)) for s in mine)
+        done = total - sum(len(self.shard_range(s)) for s in todo)
+        with tqdm(total=total, initial=done, desc=desc, unit="img", disable=not progress or rank != 0) as bar:
+            for s in todo:
+                self.write(s, *extract_range(self.shard_range(s), bar))
+        if world > 1:
+            dist.barrier()
+
     def write_failures(self, s: int, failures: dict[int, tuple[str, str]]) -> None:
         _atomic_write_text(self._failures(s), json.dumps({str(k): list(v) for k, v in failures.items()}))
 
@@ -459,6 +476,7 @@ __all__ = [
     "ShardStore",
     "asdict",
     "extract_descriptors",
+    "extract_unsharded",
     "inference_network",
     "model_fingerprint",
     "multiscale_descriptor",

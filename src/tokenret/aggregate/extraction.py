@@ -40,8 +40,8 @@ from tokenret.extract import (
     ImageList,
     ShardStore,
     _collate_one,
-    _dist_info,
     _list_fingerprint,
+    extract_unsharded,
     model_fingerprint,
 )
 
@@ -190,16 +190,12 @@ def extract_local_sets(
     mean, std = normalisation(model)
     dataset = ImageList(paths, boxes, config.max_size, mean, std)
     n = len(dataset)
-    rank, world = _dist_info()
-    if out_dir is None:
-        if world > 1:
-            raise ValueError(
-                "distributed extraction needs out_dir (shards are merged through the file system)"
-            )
-        with tqdm(total=n, desc=desc, unit="img", disable=not progress) as bar:
-            store, failures = _extract_range(model, dataset, range(n), config, device, bar)
-        return _finish(LocalExtractionResult(store, failures), on_error)
 
+    def extract_range(indices: Sequence[int], bar: tqdm):
+        return _extract_range(model, dataset, indices, config, device, bar)
+
+    if out_dir is None:
+        return _finish(LocalExtractionResult(*extract_unsharded(n, extract_range, progress, desc)), on_error)
     shards = LocalShardStore(Path(out_dir), n, config.shard_size)
     manifest = {
         "n": n,
@@ -209,21 +205,7 @@ def extract_local_sets(
         "model": model_fingerprint(model),
         "images": _list_fingerprint(dataset),
     }
-    if rank == 0:
-        shards.open(manifest)
-    if world > 1:
-        dist.barrier()
-        shards.check_manifest(manifest)
-    mine = [s for s in range(shards.n_shards) if s % world == rank]
-    todo = [s for s in mine if not shards.is_done(s)]
-    total = sum(len(shards.shard_range(s)) for s in mine)
-    done = total - sum(len(shards.shard_range(s)) for s in todo)
-    with tqdm(total=total, initial=done, desc=desc, unit="img", disable=not progress or rank != 0) as bar:
-        for s in todo:
-            store, failures = _extract_range(model, dataset, shards.shard_range(s), config, device, bar)
-            shards.write(s, store, failures)
-    if world > 1:
-        dist.barrier()
+    shards.fill(manifest, extract_range, progress=progress, desc=desc)
     return _finish(shards.read_all(), on_error)
 
 
