@@ -342,13 +342,14 @@ def _cmd_delf_pca(args: argparse.Namespace) -> int:
 def _cmd_codebook(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from tokenret.aggregate.aggregators import CODEBOOK_SAMPLES_PER_WORD
     from tokenret.aggregate.codebook import Codebook
     from tokenret.aggregate.local_store import LocalDescriptorStore
 
     root = Path(args.sets)
     store = LocalDescriptorStore.load(root / "descriptors" if (root / "descriptors").is_dir() else root)
     rng = np.random.default_rng(args.seed)
-    wanted = args.max_descriptors or 256 * args.size
+    wanted = args.max_descriptors or CODEBOOK_SAMPLES_PER_WORD * args.size
     n = store.num_descriptors
     rows = np.sort(rng.choice(n, size=wanted, replace=False)) if n > wanted else np.arange(n)
     x = np.asarray(store.descriptor_rows(rows), np.float32)

@@ -89,15 +89,20 @@ class ExtractionConfig:
             raise ValueError(f"amp must be 'off', 'bf16' or 'fp16', got {self.amp!r}")
 
     def resolved_device(self) -> torch.device:
-        if self.device:
-            return torch.device(self.device)
-        if dist.is_available() and dist.is_initialized() and torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return resolve_device(self.device)
 
     def fingerprint(self) -> dict[str, Any]:
         """The settings that change descriptors (not batch size, workers, device, shard size)."""
         return {"max_size": self.max_size, "scales": [round(s, 6) for s in self.scales], "amp": self.amp}
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """The given device, else this process's GPU under torchrun, else cuda when available, else cpu."""
+    if device:
+        return torch.device(device)
+    if dist.is_available() and dist.is_initialized() and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 class ExtractionError(RuntimeError):

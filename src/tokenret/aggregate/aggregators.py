@@ -26,14 +26,14 @@ import torch
 from torch import nn
 
 from tokenret.aggregate.asmk import AsmkIndex
-from tokenret.aggregate.codebook import DEFAULT_SEED, Codebook
+from tokenret.aggregate.codebook import DEFAULT_SEED, MAX_POINTS_PER_CENTROID, Codebook
 from tokenret.aggregate.local_store import pad_sets
 from tokenret.aggregate.vlad import VladEncoder
 
 log = logging.getLogger(__name__)
 
 #: Descriptors drawn per visual word when a codebook is learned from a database (faiss's own cap).
-CODEBOOK_SAMPLES_PER_WORD = 256
+CODEBOOK_SAMPLES_PER_WORD = MAX_POINTS_PER_CENTROID
 
 
 def learn_codebook(sets: Sequence[np.ndarray], size: int, seed: int = DEFAULT_SEED) -> Codebook:

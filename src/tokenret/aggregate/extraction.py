@@ -27,7 +27,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -43,6 +42,7 @@ from tokenret.extract import (
     _list_fingerprint,
     extract_unsharded,
     model_fingerprint,
+    resolve_device,
 )
 
 log = logging.getLogger(__name__)
@@ -94,11 +94,7 @@ class LocalExtractionConfig:
         }
 
     def resolved_device(self) -> torch.device:
-        if self.device:
-            return torch.device(self.device)
-        if dist.is_available() and dist.is_initialized() and torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return resolve_device(self.device)
 
 
 @dataclass

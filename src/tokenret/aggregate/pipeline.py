@@ -31,30 +31,13 @@ from torch import Tensor, nn
 
 from tokenret.aggregate.codebook import Codebook
 from tokenret.aggregate.extraction import normalisation
+from tokenret.aggregate.vlad import vlad
 from tokenret.data.images import IMAGENET_MEAN, IMAGENET_STD
 from tokenret.models import checkpoints as ck
 
 FORMAT = "tokenret-local-aggregate-v1"
 #: ``model_name`` prefix that tells indexes to rebuild with :meth:`LocalAggregateModel.load`.
 NAME_PREFIX = "local:"
-
-
-def vlad_torch(
-    descriptors: Tensor, centroids: Tensor, *, power: float | None = None, intra_normalize: bool = True
-) -> Tensor:
-    """VLAD of one set (N, d) over (K, d) words -> (K*d,) unit vector (zeros for an empty set); the same
-    definition as :func:`tokenret.aggregate.vlad.vlad` with hard assignment."""
-    k, d = centroids.shape
-    out = descriptors.new_zeros(k, d)
-    if len(descriptors):
-        words = torch.cdist(descriptors, centroids).argmin(1)
-        out.index_add_(0, words, descriptors - centroids[words])
-    if intra_normalize:
-        out = F.normalize(out, dim=1)
-    out = out.reshape(-1)
-    if power is not None:
-        out = out.sign() * out.abs().pow(power)
-    return F.normalize(out, dim=0)
 
 
 class LocalAggregateModel(nn.Module):
@@ -133,12 +116,13 @@ class LocalAggregateModel(nn.Module):
     def describe_set(self, descriptors: Tensor) -> Tensor:
         """One set (N, C) -> its global vector (D,), L2-normalised."""
         if self.kind == "vlad":
-            return vlad_torch(
-                descriptors.float(),
-                self.centroids.float(),
+            v = vlad(
+                descriptors.float().cpu().numpy(),
+                Codebook(self.centroids.float().cpu().numpy()),  # the buffer: what load_state_dict set
                 power=self.vlad_power,
                 intra_normalize=self.vlad_intra_normalize,
             )
+            return torch.from_numpy(v).to(descriptors.device)
         if len(descriptors) == 0:
             return descriptors.new_zeros(self.descriptor_dim)
         return self.head(descriptors[None].float())[0]
@@ -197,4 +181,4 @@ class LocalAggregateModel(nn.Module):
         return model.eval()
 
 
-__all__ = ["NAME_PREFIX", "LocalAggregateModel", "vlad_torch"]
+__all__ = ["NAME_PREFIX", "LocalAggregateModel"]
