@@ -157,6 +157,13 @@ def local_config_from_args(args: argparse.Namespace):
     )
 
 
+def set_model_from_args(args: argparse.Namespace):
+    """The Token set model for --aggregator token: --model/--checkpoint, by default token_set_<--local>."""
+    if args.model == DEFAULT_MODEL:  # the default global model makes no sense here
+        args.model = f"token_set_{args.local}"
+    return model_from_args(args)
+
+
 def aggregator_from_args(args: argparse.Namespace):
     from tokenret.aggregate.aggregators import AsmkAggregator, TokenAggregator, VladAggregator
     from tokenret.aggregate.codebook import Codebook
@@ -164,9 +171,7 @@ def aggregator_from_args(args: argparse.Namespace):
     if args.aggregator is None:
         raise ValueError("--local needs --aggregator asmk, vlad or token")
     if args.aggregator == "token":
-        if args.model == DEFAULT_MODEL:  # the default global model makes no sense here
-            args.model = f"token_set_{args.local}"
-        return TokenAggregator(model_from_args(args), max_n=args.topk, device=args.device)
+        return TokenAggregator(set_model_from_args(args), max_n=args.topk, device=args.device)
     if args.codebook is None and args.codebook_size is None:
         raise ValueError(
             f"--aggregator {args.aggregator} needs --codebook FILE (made by `tokenret codebook` on other "
@@ -191,9 +196,7 @@ def local_pipeline_from_args(args: argparse.Namespace):
     from tokenret.aggregate.pipeline import LocalAggregateModel
 
     if args.aggregator == "token":
-        if args.model == DEFAULT_MODEL:
-            args.model = f"token_set_{args.local}"
-        aggregator = model_from_args(args)
+        aggregator = set_model_from_args(args)
     elif args.aggregator == "vlad":
         if not args.codebook:
             raise ValueError("--aggregator vlad needs --codebook FILE (made by `tokenret codebook`)")
