@@ -8,6 +8,7 @@ with that reason, only where they are absent.
 from __future__ import annotations
 
 import os
+import shutil
 
 # numpy's BLAS thread pool has the same problem as torch's (below): one thread unless asked otherwise.
 # Set before numpy is first imported.
@@ -52,3 +53,4 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("TOKENRET_HOME", str(home))
     monkeypatch.setenv("TORCH_HOME", str(home / "torch"))
     yield
+    shutil.rmtree(home, ignore_errors=True)  # cached weights: tens of MB per test
