@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 import tokenret.index.exact as exact_module
 from tokenret.index import (
@@ -16,6 +17,7 @@ from tokenret.index import (
     VectorIndex,
     check_recall,
     choose_index_spec,
+    ivf_pq_spec,
     load_index,
     make_index,
     recall_at_k,
@@ -113,19 +115,20 @@ def test_exact_float_data_matches_float32_brute_force_on_fp16_rounded():
     assert i1.shape == (1, 5) and (i1[0] == found[0, :5]).all()
 
 
-def test_exact_rescore_against_numpy():
+@pytest.mark.parametrize("step", [7, 1])  # ids 0, 7, 14, ... (looked up) or 0..n-1 (the row is the id)
+def test_exact_rescore_against_numpy(step):
     rng = np.random.default_rng(12)
     x = unit_rows(rng.standard_normal((200, 24)))
     q = unit_rows(rng.standard_normal((5, 24)))
     index = ExactIndex(24)
-    index.add(x, np.arange(200) * 7)
-    cand = rng.integers(0, 200, size=(5, 30)) * 7
+    index.add(x, np.arange(200) * step)
+    cand = rng.integers(0, 200, size=(5, 30)) * step
     cand[:, -3:] = -1  # padding
-    cand[0, 0] = 5  # not in the index
+    cand[0, 0] = 5 if step == 7 else 200  # not in the index
     got = index.rescore(q, cand, query_block=2)
     ref = q @ x.astype(np.float16).astype(np.float32).T
-    expect = np.take_along_axis(ref, np.maximum(cand // 7, 0), axis=1)
-    valid = (cand >= 0) & (cand % 7 == 0)
+    expect = np.take_along_axis(ref, np.minimum(np.maximum(cand // step, 0), 199), axis=1)
+    valid = (cand >= 0) & (cand % step == 0) & (cand < 200 * step)
     np.testing.assert_allclose(got[valid], expect[valid], atol=1e-6)
     assert np.isneginf(got[~valid]).all()
     assert np.isneginf(ExactIndex(24).rescore(q, cand)).all()
@@ -288,15 +291,16 @@ def test_faiss_too_few_training_vectors(faiss):
     assert len(index) == 0
 
 
-def test_faiss_save_load_round_trip_with_refine(faiss, tmp_path):
+@pytest.mark.parametrize("spec", ["IVF16,PQ8", "IVF16,PQ8x4fs"])
+def test_faiss_save_load_round_trip_with_refine(faiss, tmp_path, spec):
     x = clustered(4000, 32, 40, seed=8)
     q = clustered(10, 32, 40, seed=9)
-    index = FaissIndex("IVF16,PQ8", 32, refine_factor=3, nprobe=4)
+    index = FaissIndex(spec, 32, refine_factor=3, nprobe=4)
     index.add(x, np.arange(4000) * 3)
     before = index.search(q, 30)
     index.save(tmp_path / "ivfpq")
     header = json.loads((tmp_path / "ivfpq" / "index.json").read_text())
-    assert header["kind"] == "faiss" and header["spec"] == "IVF16,PQ8" and header["nprobe"] == 4
+    assert header["kind"] == "faiss" and header["spec"] == spec and header["nprobe"] == 4
     loaded = VectorIndex.load(tmp_path / "ivfpq")
     assert isinstance(loaded, FaissIndex) and loaded.nprobe == 4 and loaded.refine_factor == 3
     assert loaded._store.is_memory_mapped  # the float16 vectors for re-ranking stay on disk
@@ -315,6 +319,11 @@ def test_faiss_save_load_round_trip_with_refine(faiss, tmp_path):
     # re-ranked scores are exact inner products with the float16-rounded vectors
     ref = q @ x.astype(np.float16).astype(np.float32).T
     np.testing.assert_allclose(after[0][0], ref[0, after[1][0] // 3], atol=1e-5)
+    # removal (fast-scan lists too): removed ids never come back, the rest keep their order
+    gone = before[1][:, :5].ravel()
+    assert loaded.remove(gone) == len(np.unique(gone))
+    ids_after = loaded.search(q, 30)[1]
+    assert not np.isin(ids_after, gone).any()
 
 
 @pytest.fixture(scope="module")
@@ -334,6 +343,7 @@ def recall_data():
         ("HNSW32", {"efSearch": 128}, 0.95),
         ("IVF64,PQ16", {"nprobe": 16, "refine_factor": 4}, 0.95),
         ("IVF64_HNSW16,PQ16", {"nprobe": 16, "refine_factor": 4, "efSearch": 64, "efConstruction": 80}, 0.95),
+        ("IVF64_HNSW32,PQ16x4fs", {"nprobe": 16, "refine_factor": 4}, 0.95),  # ivf_pq_spec's kind
     ],
 )
 def test_ann_recall_on_clustered_data(faiss, recall_data, spec, options, min_recall):
@@ -378,10 +388,14 @@ def test_make_index_and_choose_index_spec(faiss):
         make_index("", 8)
     assert choose_index_spec(0, 1024) == "Flat"
     assert choose_index_spec(200_000, 1024) == "Flat"
-    assert choose_index_spec(200_001, 1024) == "IVF2048_HNSW32,PQ64"
-    assert choose_index_spec(1_000_000, 1024) == "IVF4096_HNSW32,PQ64"
-    assert choose_index_spec(10_000_000, 2048) == "IVF16384_HNSW32,PQ128"
-    assert choose_index_spec(1_000_000, 100) == "IVF4096_HNSW32,PQ5"  # 100/16 -> 6 does not divide 100
+    assert choose_index_spec(200_001, 1024) == "IVF2048_HNSW32,PQ128x4fs"
+    assert choose_index_spec(1_000_000, 1024) == "IVF4096_HNSW32,PQ128x4fs"
+    assert choose_index_spec(10_000_000, 2048) == "IVF16384_HNSW32,PQ256x4fs"
+    # 100/8 -> 12 does not divide 100, 11 is odd (fast scan packs pairs of 4-bit codes): 10
+    assert choose_index_spec(1_000_000, 100) == "IVF4096_HNSW32,PQ10x4fs"
+    assert ivf_pq_spec(1000, 64) == "IVF128_HNSW32,PQ8x4fs"  # the same rule below the exact limit
+    with pytest.raises(ValueError, match="need n >= 0"):
+        ivf_pq_spec(-1, 64)
     # every chosen spec is buildable
     make_index(choose_index_spec(1_000_000, 100), 100)
 
@@ -423,15 +437,20 @@ def test_from_arrays_searches_rows_in_place_and_skips_dead_rows(tmp_path):
         ExactIndex.from_arrays(mm, np.zeros(50, np.int64))
 
 
-def test_single_queries_by_the_faiss_float16_scan_equal_the_blas_path():
+@pytest.mark.parametrize("threads", [1, 3])
+def test_single_queries_by_the_faiss_float16_scan_equal_the_blas_path(threads, monkeypatch):
     """Few queries go through FAISS's float16 scan over the rows it owns; more through upcast + BLAS. Both
-    must give the same ids and (to summation order) scores, with removals, growth, compaction and ties."""
+    must give the same ids and (to summation order) scores, with removals, growth, compaction and ties.
+    With 3 threads the scan is split into 3 row ranges scanned at once, then merged."""
     pytest.importorskip("faiss")
     from tokenret.index import exact
 
+    monkeypatch.setattr(exact, "PARALLEL_SCAN_MIN_ROWS", 500)
+    torch.set_num_threads(threads)
     rng = np.random.default_rng(3)
     x = rng.standard_normal((3000, 48)).astype(np.float32)
     x[100] = x[7]  # an exact tie: lower id first in both paths
+    x[2000] = x[51]  # a tie across two of the 3 ranges
     fast = ExactIndex(48)
     slow = ExactIndex(48, faiss_scan=False)
     for index in (fast, slow):
@@ -447,6 +466,7 @@ def test_single_queries_by_the_faiss_float16_scan_equal_the_blas_path():
         np.testing.assert_array_equal(idf, ids)
         np.testing.assert_allclose(sf, ss, rtol=1e-6, atol=1e-6)
     assert fast.search(x[7:8], 3)[1][0, :2].tolist() == [7, 100]
+    assert fast.search(x[51:52], 3)[1][0, :2].tolist() == [51, 2000]
     assert 2999 not in fast.search(x[2999:3000], 50)[1]
     # more queries than FAISS_SCAN_MAX_QUERIES take the BLAS path: identical results
     many = q[: exact.FAISS_SCAN_MAX_QUERIES + 1]
@@ -476,3 +496,22 @@ def test_in_memory_copy_of_a_memory_mapped_index_searches_the_same(tmp_path):
         np.testing.assert_array_equal(i1, i2)
         np.testing.assert_allclose(s1, s2, rtol=1e-6, atol=1e-6)
     assert 1003 not in copy.search(x[3:4], 10)[1]
+
+
+@pytest.mark.parametrize("nq, m, k", [(1, 400, 100), (5, 30, 10), (3, 8, 10)])
+def test_sort_results_equals_a_naive_sort(nq, m, k):
+    """(score desc, id asc), -1 / -inf padding last, padded to k: against Python's sorted() per row."""
+    from tokenret.index.base import sort_results
+
+    rng = np.random.default_rng(nq * m)
+    scores = rng.integers(0, 6, (nq, m)).astype(np.float32) / 4  # many ties
+    ids = np.stack([rng.permutation(10 * m)[:m] for _ in range(nq)]).astype(np.int64)
+    ids[:, ::7] = -1  # padding entries
+    scores[:, 1::9] = -np.inf
+    got_s, got_i = sort_results(scores, ids, k)
+    for r in range(nq):
+        real = sorted((-s, i) for s, i in zip(scores[r], ids[r], strict=True) if i >= 0 and s > -np.inf)[:k]
+        want_i = [i for _, i in real] + [-1] * (k - len(real))
+        want_s = [-s for s, _ in real] + [-np.inf] * (k - len(real))
+        assert got_i[r].tolist() == want_i
+        np.testing.assert_array_equal(got_s[r], np.float32(want_s))

@@ -17,6 +17,7 @@ from tokenret.index.base import (
     IndexFormatError,
     VectorIndex,
     choose_index_spec,
+    ivf_pq_spec,
     load_index,
     make_index,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "VectorIndex",
     "check_recall",
     "choose_index_spec",
+    "ivf_pq_spec",
     "load_index",
     "make_index",
     "recall_at_k",

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,11 @@ _MERGE_WIDTH_FACTOR = 16
 #: converts inside its dot-product loop: one memory pass at ~1.6x its bandwidth time, against ~2.4x for
 #: upcast chunks + BLAS (262k x 1024, 1 thread; bench/README.md "search"). From a few queries on, BLAS wins.
 FAISS_SCAN_MAX_QUERIES = 2
+#: The float16 scan of a single query is split over torch's threads once each gets this many rows.
+PARALLEL_SCAN_MIN_ROWS = 1 << 16
+
+#: ``_lookup`` value meaning that row i holds id i for every row (no search needed).
+_IDS_ARE_ROWS = ()
 
 VECTORS_FILE = "vectors.npy"
 IDS_FILE = "ids.npy"
@@ -114,7 +120,7 @@ class ExactIndex(VectorIndex):
         self._n = 0
         self._alive: np.ndarray | None = None  # bool per used row; None while nothing is removed
         self._n_removed = 0
-        self._lookup: tuple[np.ndarray, np.ndarray] | None = None  # (sorted live ids, their rows)
+        self._lookup: tuple = None  # (sorted live ids, their rows), or _IDS_ARE_ROWS
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -275,8 +281,14 @@ class ExactIndex(VectorIndex):
         """Storage rows of ``ids`` (any shape), -1 where the id is not in the index."""
         if self._lookup is None:
             rows = np.arange(self._n) if self._alive is None else np.flatnonzero(self._alive[: self._n])
-            order = np.argsort(self._ids[rows], kind="stable")
-            self._lookup = (self._ids[rows][order], rows[order])
+            if self._alive is None and np.array_equal(self._ids[: self._n], rows):
+                self._lookup = _IDS_ARE_ROWS  # ids 0..n-1 in order (the usual case): the row is the id
+            else:
+                order = np.argsort(self._ids[rows], kind="stable")
+                self._lookup = (self._ids[rows][order], rows[order])
+        if self._lookup is _IDS_ARE_ROWS:
+            ids = np.asarray(ids, dtype=np.int64)
+            return np.where((ids >= 0) & (ids < self._n), ids, -1)
         sorted_ids, sorted_rows = self._lookup
         if len(sorted_ids) == 0:
             return np.full(np.shape(ids), -1, np.int64)
@@ -345,14 +357,39 @@ class ExactIndex(VectorIndex):
         return scores, ids
 
     def _faiss_scan(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """A few queries by FAISS's float16 scan over the rows it owns (removed rows excluded)."""
+        """A few queries by FAISS's float16 scan over the rows it owns (removed rows excluded).
+
+        FAISS parallelises a flat scan over queries only, so one query would run on one core: with
+        torch's thread count above 1 and enough rows, the rows are split into that many contiguous ranges
+        scanned at once (FAISS releases the GIL) and the per-range top k are merged."""
         faiss = _optional_faiss()
         self._sq.ntotal = self._n
-        params = None
+        alive = None
         if self._alive is not None:
             bitmap = np.packbits(self._alive[: self._n], bitorder="little")
-            params = faiss.SearchParameters(sel=faiss.IDSelectorBitmap(self._n, faiss.swig_ptr(bitmap)))
-        scores, rows = self._sq.search(q, min(k, self._n), params=params)
+            alive = faiss.IDSelectorBitmap(self._n, faiss.swig_ptr(bitmap))
+        parts = max(1, min(torch.get_num_threads(), self._n // PARALLEL_SCAN_MIN_ROWS))
+        bounds = np.linspace(0, self._n, parts + 1).astype(np.int64)
+
+        def scan(part: int) -> tuple[np.ndarray, np.ndarray]:
+            lo, hi = int(bounds[part]), int(bounds[part + 1])
+            sel = alive
+            if parts > 1:
+                faiss.omp_set_num_threads(1)  # this thread's own setting: no OpenMP team for one query
+                sel = (
+                    faiss.IDSelectorRange(lo, hi)
+                    if alive is None
+                    else faiss.IDSelectorAnd(faiss.IDSelectorRange(lo, hi), alive)
+                )
+            params = None if sel is None else faiss.SearchParameters(sel=sel)
+            return self._sq.search(q, min(k, hi - lo), params=params)
+
+        if parts == 1:
+            scores, rows = scan(0)
+        else:
+            found = list(_scan_pool(parts).map(scan, range(parts)))
+            scores = np.concatenate([s for s, _ in found], axis=1)
+            rows = np.concatenate([r for _, r in found], axis=1)
         ids = np.where(rows >= 0, self._ids[np.maximum(rows, 0)], -1)
         return sort_results(scores, ids, k)
 
@@ -443,6 +480,17 @@ class ExactIndex(VectorIndex):
             raise IndexFormatError(f"{ids_path} has negative or repeated ids")
         index._vectors, index._ids, index._n = vectors, np.array(ids), n
         return index
+
+
+_SCAN_POOL: dict[int, ThreadPoolExecutor] = {}
+
+
+def _scan_pool(workers: int) -> ThreadPoolExecutor:
+    """A process-wide pool for the range-parallel float16 scan (threads are kept between queries)."""
+    pool = _SCAN_POOL.get(workers)
+    if pool is None:
+        pool = _SCAN_POOL[workers] = ThreadPoolExecutor(workers, thread_name_prefix="tokenret-scan")
+    return pool
 
 
 def _optional_faiss():

@@ -150,7 +150,9 @@ class FaissIndex(VectorIndex):
         ivf = faiss.try_extract_index_ivf(self._index)
         self.nlist = int(ivf.nlist) if ivf is not None else 0
         self._ids = np.empty(0, np.int64)
-        self._store = ExactIndex(self.dim) if self._refine_factor is not None else None
+        # plain numpy rows (no FAISS scan storage): numpy's large allocations get transparent huge pages,
+        # which roughly halves the cost of gathering scattered candidate rows (TLB misses)
+        self._store = ExactIndex(self.dim, faiss_scan=False) if self._refine_factor is not None else None
         self._nprobe: int | None = None
         self._efSearch: int | None = None
         if nprobe is None and self.nlist:
