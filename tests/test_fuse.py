@@ -120,3 +120,19 @@ def test_the_folded_copy_is_reused_while_model_and_weights_stay_the_same():
     net = ex.inference_network(other, cfg)
     for a, b in zip(net.tr.decoder.parameters(), other.tr.decoder.parameters(), strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_compile_without_a_cpp_compiler_fails_before_any_work(monkeypatch, tmp_path):
+    from tokenret import extract as ex
+
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(ex.shutil, "which", lambda name: None)
+    model = tokenret.create_model("token_r50", backbone="resnet18", dim=32, num_heads=4, out_dim=16)
+    path = tmp_path / "a.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(path)
+    config = ExtractionConfig(max_size=32, scales=(1.0,), num_workers=0, compile=True)
+    with pytest.raises(RuntimeError, match=r"needs a C\+\+ compiler.*without --compile"):
+        extract_descriptors(model, [path], config=config, progress=False)
+    monkeypatch.setenv("CXX", "/opt/my/g++")  # an explicit compiler is trusted
+    ex._check_compiler(torch.device("cpu"))
+    ex._check_compiler(torch.device("cuda"))  # GPU kernels need no host compiler check here
