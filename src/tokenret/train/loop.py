@@ -739,6 +739,10 @@ class Trainer:
                         h.after_epoch()
             for h in self._hooks:
                 h.after_train()
+            # every rank returns together: none tears its process group down while another still works
+            # (a rank leaving early once aborted in gloo's teardown: "terminate called without an active
+            # exception"); not on the error path, where a barrier could wait for a rank that died
+            barrier()
         finally:
             for h in self._hooks:
                 h.close()
