@@ -385,3 +385,41 @@ def test_bad_backends_are_refused_and_leave_the_setting(tmp_path):
             index.set_backend("IVF64,PQ4")
         assert index.backend == "HNSW32" and index.ann_status() == "current"
         assert index.set_backend("exact") == "exact" and not (index.path / "ann").exists()
+
+
+def test_ivf_index_is_updated_in_place_after_small_changes(tmp_path):
+    """An IVF index is not retrained for a few changes: removed images leave it, new ones join it, and with
+    every list probed (IVF16, nprobe 16: exact within the index) it ranks like brute force. Many changes
+    rebuild it."""
+    x = clustered_vectors(2000)
+    with vector_index(tmp_path, x) as index:
+        assert index.set_backend("IVF16,Flat") == "IVF16,Flat"
+        built = json.loads((index.path / "ann" / "state.json").read_text())
+        assert "updated" not in built
+        paths = index.paths()
+        removed = {int(i) for i in index.vectors()[1] if index.image_path(int(i)) in set(paths[:40])}
+        assert len(removed) == 40 and index.remove_paths(paths[:40]) == 40
+        add_vectors(index, tmp_path, clustered_vectors(60, seed=7), start=5000)  # 60 new images
+        state = json.loads((index.path / "ann" / "state.json").read_text())
+        assert state["built"] == built["built"] and "updated" in state  # updated, not rebuilt
+        assert index.ann_status() == "current" and state["n"] == 2020
+        ann = index.ann_index()
+        assert ann.ntotal == 2020
+        q = clustered_vectors(15, seed=8)
+        scores, ids = index.knn(q, 10)
+        want_ids, want_scores = brute_force(index, q, 10)
+        np.testing.assert_array_equal(ids, want_ids)
+        np.testing.assert_allclose(scores, want_scores, atol=1e-5)
+        assert not removed & set(ids.ravel().tolist())
+        new = clustered_vectors(60, seed=7)
+        first = [row[0].path for row in index.search(new[:5], 1)]  # the added images are found
+        assert first == [str(tmp_path / "img" / f"{i:05d}.jpg") for i in range(5000, 5005)]
+        # reopening finds the updated index current: no rebuild
+        index.close()
+    with ImageIndex(tmp_path / "vidx") as reopened:
+        assert reopened.ann_status() == "current"
+        # more than half of the collection changed: rebuilt (retrained) instead
+        reopened.remove_paths(reopened.paths()[:1100])
+        assert reopened.update_ann()
+        state = json.loads((reopened.path / "ann" / "state.json").read_text())
+        assert "updated" not in state and state["built"] > built["built"] and state["n"] == 920

@@ -7,8 +7,9 @@ Layout of an index directory::
     vectors.f16     float16 descriptors, one row of dim values per stored image (append-only)
     model.pth       the model's weights, only when they came from no file (e.g. random or torchvision)
     ann/            the approximate (FAISS) index built from the vectors, when the backend is one:
-                    a saved FaissIndex (index.json, index.faiss, ids.npy) and state.json, which names
-                    the backend, the spec, the number of images and a fingerprint of the image set it covers
+                    a saved FaissIndex (index.json, index.faiss, ids.npy), state.json, which names
+                    the backend, the spec, the number of images and a fingerprint of the image set it covers,
+                    and covered.npz: the id and description time of each image it holds
 
 Adding is incremental and crash-safe: images are described in chunks; each chunk's vectors are appended
 and flushed before the transaction that records them commits, so an interruption loses at most the chunk
@@ -21,8 +22,11 @@ images and uses :func:`~tokenret.index.base.choose_index_spec`'s IVF-PQ above; a
 (``"HNSW32"``, ``"IVF4096_HNSW32,PQ64"``) asks for that index. With ``refine=K`` the best K FAISS
 candidates are re-scored exactly against the stored vectors. The FAISS index covers one state of the
 image set; any addition, change or removal makes it stale, and a stale one is never searched:
-``add_paths`` / ``sync`` rebuild it at their end, and a search that finds it stale (images removed with
-``remove_paths``, or the index changed by another process) rebuilds it first, saying so in the log.
+``add_paths`` / ``sync`` bring it up to date at their end, and so does a search that finds it stale (images
+removed with ``remove_paths``, or the index changed by another process). An IVF index is updated in place
+(removed and re-described images out, new ones in; no retraining) while the changes stay under
+:data:`ANN_UPDATE_MAX_FRACTION` of the collection; otherwise, and for HNSW graphs (which cannot remove), it
+is rebuilt, saying so in the log.
 
 Example:
     >>> model = tokenret.create_model("token_r101", checkpoint="R101-Token.pth")          # doctest: +SKIP
@@ -58,6 +62,11 @@ FORMAT = "tokenret-image-index-v1"
 #: Folder of the approximate (FAISS) index inside an index directory, and its state file.
 ANN_DIR = "ann"
 ANN_STATE = "state.json"
+#: (id, updated) of every image an approximate index holds: what an incremental update compares with.
+ANN_COVERED = "covered.npz"
+#: An approximate index is updated in place while the images added, changed and removed since it was built
+#: stay under this fraction of the collection; beyond it it is rebuilt (retrained on the images as they are).
+ANN_UPDATE_MAX_FRACTION = 0.5
 #: HNSW search breadth of HNSW backends (faiss's default, 16, misses neighbours already at k = 10).
 HNSW_EF_SEARCH = 128
 #: Vectors upcast to float32 and added to a FAISS index at a time while it is built.
@@ -299,7 +308,7 @@ class ImageIndex:
         """Drop images (their vector rows become free space, reclaimed by :meth:`compact`).
 
         An approximate index then no longer covers the images: the next search (or ``add_paths``,
-        ``sync``, :meth:`update_ann`) rebuilds it.
+        ``sync``, :meth:`update_ann`) updates or rebuilds it.
         """
         keys = [(str(Path(p).resolve()),) for p in paths]
         with self.db:
@@ -551,10 +560,11 @@ class ImageIndex:
         return "current" if all(state.get(k) == v for k, v in want.items()) else "stale"
 
     def update_ann(self) -> bool:
-        """Build and save the approximate index unless the saved one covers the current images.
+        """Update (IVF, few changes) or build and save the approximate index unless the saved one covers the
+        current images.
 
         Returns:
-            True if it was (re)built.
+            True if it was updated or (re)built.
         """
         return self._update_ann(self._wanted_ann())
 
@@ -566,8 +576,13 @@ class ImageIndex:
         state = self._read_ann_state()
         if state is not None and all(state.get(k) == v for k, v in want.items()):
             return False
-        log.info("building the approximate index %s over %d images in %s", want["spec"], want["n"], self.path)
-        self._ann = (want, self._build_ann(want))
+        ann = self._refresh_ann(want, state)
+        if ann is None:
+            log.info(
+                "building the approximate index %s over %d images in %s", want["spec"], want["n"], self.path
+            )
+            ann = self._build_ann(want)
+        self._ann = (want, ann)
         return True
 
     def ann_index(self) -> Any:
@@ -578,6 +593,8 @@ class ImageIndex:
         if self._ann is not None and self._ann[0] == want:
             return self._ann[1]
         ann = self._load_ann(want)
+        if ann is None:
+            ann = self._refresh_ann(want, self._read_ann_state())
         if ann is None:
             state = self._read_ann_state()
             log.warning(
@@ -621,7 +638,8 @@ class ImageIndex:
         """Build the FAISS index over the stored vectors, save it under ``ann/`` and return it."""
         from tokenret.index.faiss_index import FaissIndex
 
-        vecs, ids, rows = self.vectors()
+        vecs = self._vector_file()
+        ids, rows, updated = self._covered()
         spec = want["spec"]
         ann = FaissIndex(spec, self.dim)
         if ann.is_hnsw:
@@ -642,15 +660,63 @@ class ImageIndex:
                 np.asarray(vecs[rows[start : start + _BUILD_CHUNK]], dtype=np.float32),
                 ids[start : start + _BUILD_CHUNK],
             )
-        self._save_ann(ann, {**want, "rows": int(len(vecs)), "built": time.time()})
+        self._save_ann(ann, {**want, "rows": int(len(vecs)), "built": time.time()}, (ids, updated))
         return ann
 
-    def _save_ann(self, ann: Any, state: dict[str, Any]) -> None:
+    def _covered(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ids, rows, updated) of the searchable images, in row order, read at one moment."""
+        got = list(self.db.execute("SELECT id, row, updated FROM images WHERE status = 'ok' ORDER BY row"))
+        ids = np.array([g[0] for g in got], dtype=np.int64)
+        rows = np.array([g[1] for g in got], dtype=np.int64)
+        return ids, rows, np.array([g[2] for g in got], dtype=np.float64)
+
+    def _refresh_ann(self, want: dict[str, Any], state: dict[str, Any] | None) -> Any:
+        """The saved IVF index brought up to date in place: the images removed or re-described since it was
+        built leave it, new and re-described ones are added (its lists and codebooks stay valid for new
+        vectors of the same kind), and it is saved again. None where that does not apply (another spec, an
+        HNSW graph, which cannot remove, no record of what it holds, or too many changes): rebuild then."""
+        from tokenret.index.base import IndexFormatError, load_index
+
+        if state is None or any(state.get(k) != want[k] for k in ("backend", "spec", "dim")):
+            return None
+        try:
+            with np.load(self.path / ANN_DIR / ANN_COVERED, allow_pickle=False) as f:
+                old_ids, old_updated = f["ids"], f["updated"]
+            ann = load_index(self.path / ANN_DIR)
+        except (IndexFormatError, OSError, RuntimeError, KeyError, ValueError):
+            return None
+        if ann.is_hnsw or not ann.nlist or ann.ntotal != len(old_ids) or self._read_ann_state() != state:
+            return None
+        ids, rows, updated = self._covered()
+        common, i_old, i_new = np.intersect1d(old_ids, ids, assume_unique=True, return_indices=True)
+        same = common[old_updated[i_old] == updated[i_new]]
+        gone = old_ids[~np.isin(old_ids, same)]
+        new = ~np.isin(ids, same)
+        if len(gone) + int(new.sum()) > ANN_UPDATE_MAX_FRACTION * max(len(ids), 1):
+            return None
+        log.info(
+            "updating the approximate index %s in %s: %d images out, %d in",
+            *(want["spec"], self.path, len(gone), int(new.sum())),
+        )
+        ann.remove(gone)
+        vecs = self._vector_file()
+        add_ids, add_rows = ids[new], rows[new]
+        for start in range(0, len(add_ids), _BUILD_CHUNK):
+            ann.add(
+                np.asarray(vecs[add_rows[start : start + _BUILD_CHUNK]], dtype=np.float32),
+                add_ids[start : start + _BUILD_CHUNK],
+            )
+        built = {"built": state.get("built"), "updated": time.time()}
+        self._save_ann(ann, {**want, "rows": int(len(vecs)), **built}, (ids, updated))
+        return ann
+
+    def _save_ann(self, ann: Any, state: dict[str, Any], covered: tuple[np.ndarray, np.ndarray]) -> None:
         """Write ``ann/`` by renaming a finished folder into place, so a reader never sees half of it."""
         tmp = self.path / f".ann-new-{os.getpid()}-{secrets.token_hex(4)}"
         old = self.path / f".ann-old-{os.getpid()}-{secrets.token_hex(4)}"
         try:
             ann.save(tmp)
+            np.savez(tmp / ANN_COVERED, ids=covered[0], updated=covered[1])
             (tmp / ANN_STATE).write_text(json.dumps(state, indent=1) + "\n")
             try:
                 os.replace(self.path / ANN_DIR, old)
