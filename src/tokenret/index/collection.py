@@ -103,6 +103,15 @@ def find_images(root: str | Path) -> list[Path]:
     return sorted(found)
 
 
+def _add_rows(ann: Any, vecs: np.ndarray, ids: np.ndarray, rows: np.ndarray) -> None:
+    """Add the stored vectors at ``rows`` to a FAISS index under ``ids``, upcast a chunk at a time."""
+    for start in range(0, len(ids), _BUILD_CHUNK):
+        ann.add(
+            np.asarray(vecs[rows[start : start + _BUILD_CHUNK]], dtype=np.float32),
+            ids[start : start + _BUILD_CHUNK],
+        )
+
+
 class ImageIndex:
     """An on-disk index of images and their descriptors (see the module docstring)."""
 
@@ -296,11 +305,8 @@ class ImageIndex:
 
     def vectors(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(memory-mapped vector file, ids of stored images, their rows in the file)."""
-        rows = np.array(
-            list(self.db.execute("SELECT id, row FROM images WHERE status = 'ok' ORDER BY row")),
-            dtype=np.int64,
-        ).reshape(-1, 2)
-        return self._vector_file(), rows[:, 0], rows[:, 1]
+        ids, rows, _ = self._covered()
+        return self._vector_file(), ids, rows
 
     # -- changing ------------------------------------------------------------------------------
 
@@ -593,10 +599,10 @@ class ImageIndex:
         if self._ann is not None and self._ann[0] == want:
             return self._ann[1]
         ann = self._load_ann(want)
+        state = self._read_ann_state() if ann is None else None
         if ann is None:
-            ann = self._refresh_ann(want, self._read_ann_state())
+            ann = self._refresh_ann(want, state)
         if ann is None:
-            state = self._read_ann_state()
             log.warning(
                 "%s: the approximate index %s, rebuilding it over %d images before searching",
                 self.path,
@@ -655,16 +661,12 @@ class ImageIndex:
                     f"{self.path}: cannot build the approximate index {spec!r} over {n} images: {err} "
                     "(set another backend: `tokenret index INDEX --backend auto`, 'exact' or 'HNSW32')"
                 ) from err
-        for start in range(0, n, _BUILD_CHUNK):
-            ann.add(
-                np.asarray(vecs[rows[start : start + _BUILD_CHUNK]], dtype=np.float32),
-                ids[start : start + _BUILD_CHUNK],
-            )
+        _add_rows(ann, vecs, ids, rows)
         self._save_ann(ann, {**want, "rows": int(len(vecs)), "built": time.time()}, (ids, updated))
         return ann
 
     def _covered(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(ids, rows, updated) of the searchable images, in row order, read at one moment."""
+        """(ids, rows, updated) of the searchable images, in row order, read at one moment (one query)."""
         got = list(self.db.execute("SELECT id, row, updated FROM images WHERE status = 'ok' ORDER BY row"))
         ids = np.array([g[0] for g in got], dtype=np.int64)
         rows = np.array([g[1] for g in got], dtype=np.int64)
@@ -700,12 +702,7 @@ class ImageIndex:
         )
         ann.remove(gone)
         vecs = self._vector_file()
-        add_ids, add_rows = ids[new], rows[new]
-        for start in range(0, len(add_ids), _BUILD_CHUNK):
-            ann.add(
-                np.asarray(vecs[add_rows[start : start + _BUILD_CHUNK]], dtype=np.float32),
-                add_ids[start : start + _BUILD_CHUNK],
-            )
+        _add_rows(ann, vecs, ids[new], rows[new])
         built = {"built": state.get("built"), "updated": time.time()}
         self._save_ann(ann, {**want, "rows": int(len(vecs)), **built}, (ids, updated))
         return ann

@@ -62,7 +62,7 @@ FAISS_SCAN_MAX_QUERIES = 2
 PARALLEL_SCAN_MIN_ROWS = 1 << 16
 
 #: ``_lookup`` value meaning that row i holds id i for every row (no search needed).
-_IDS_ARE_ROWS = ()
+_IDS_ARE_ROWS = object()
 
 VECTORS_FILE = "vectors.npy"
 IDS_FILE = "ids.npy"
@@ -120,7 +120,7 @@ class ExactIndex(VectorIndex):
         self._n = 0
         self._alive: np.ndarray | None = None  # bool per used row; None while nothing is removed
         self._n_removed = 0
-        self._lookup: tuple = None  # (sorted live ids, their rows), or _IDS_ARE_ROWS
+        self._lookup: Any = None  # (sorted live ids, their rows), or _IDS_ARE_ROWS
 
     # -- state ---------------------------------------------------------------------------------
 
