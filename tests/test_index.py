@@ -24,6 +24,9 @@ from tokenret.index import (
 )
 from tokenret.index.recall import recall_per_query
 
+#: faiss-cpu is optional for users (the [faiss] extra); .ci/run always installs it.
+NO_FAISS = "faiss-cpu is not installed (pip install 'tokenret[faiss]')"
+
 
 def unit_rows(x: np.ndarray) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
@@ -226,7 +229,7 @@ def test_load_errors(tmp_path):
 
 @pytest.fixture(scope="module")
 def faiss():
-    return pytest.importorskip("faiss")
+    return pytest.importorskip("faiss", reason=NO_FAISS)
 
 
 def test_faiss_flat_same_ranking_as_exact(faiss):
@@ -442,7 +445,7 @@ def test_single_queries_by_the_faiss_float16_scan_equal_the_blas_path(threads, m
     """Few queries go through FAISS's float16 scan over the rows it owns; more through upcast + BLAS. Both
     must give the same ids and (to summation order) scores, with removals, growth, compaction and ties.
     With 3 threads the scan is split into 3 row ranges scanned at once, then merged."""
-    pytest.importorskip("faiss")
+    pytest.importorskip("faiss", reason=NO_FAISS)
     from tokenret.index import exact
 
     monkeypatch.setattr(exact, "PARALLEL_SCAN_MIN_ROWS", 500)
@@ -479,7 +482,7 @@ def test_single_queries_by_the_faiss_float16_scan_equal_the_blas_path(threads, m
 
 
 def test_in_memory_copy_of_a_memory_mapped_index_searches_the_same(tmp_path):
-    pytest.importorskip("faiss")
+    pytest.importorskip("faiss", reason=NO_FAISS)
     rng = np.random.default_rng(5)
     x = rng.standard_normal((500, 32)).astype(np.float32)
     index = ExactIndex(32)
