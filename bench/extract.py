@@ -2,8 +2,9 @@
 
 The release-style loop (written here, like the release's test code): batch size 1, one image at a time,
 each scale resized with F.interpolate and run separately, default (NCHW) memory format, torch.no_grad.
-tokenret: ``extract_descriptors`` (channels_last, BatchNorm folded into the convolutions, inference_mode,
-DataLoader workers, equal-size batching, optional bf16 autocast). Both run the same model and images in one
+tokenret: ``extract_descriptors`` (channels_last, BatchNorm folded into the convolutions, ReLU and residual
+add fused into them on CPU, inference_mode, DataLoader workers, equal-size batching, optional bf16
+autocast). Both run the same model and images in one
 process; the images are synthetic 1024x768 / 768x1024 JPEGs written to a temporary folder (content does not
 change the speed).
 
@@ -69,23 +70,27 @@ def main() -> None:
             Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(p, quality=85)
             paths.append(p)
 
-        def config(amp: str = "off", fold: bool = True, compile: bool = False) -> ExtractionConfig:
+        def config(
+            amp: str = "off", fold: bool = True, compile: bool = False, fuse: bool = True
+        ) -> ExtractionConfig:
             return ExtractionConfig(
                 batch_size=args.batch_size,
                 num_workers=args.workers,
                 device=args.device,
                 amp=amp,
                 fold_batchnorm=fold,
+                fuse_activations=fuse,
                 compile=compile,
             )
 
-        def ours(amp: str, fold: bool = True, compile: bool = False):
-            cfg = config(amp, fold, compile)
+        def ours(amp: str, fold: bool = True, compile: bool = False, fuse: bool = True):
+            cfg = config(amp, fold, compile, fuse)
             return lambda: extract_descriptors(model, paths, config=cfg, progress=False).descriptors
 
         runs = {
             "release-style loop (bs 1, NCHW, no_grad)": lambda: release_style(model, paths, dev),
             "tokenret fp32": ours("off"),
+            "tokenret fp32, ReLU/add not fused": ours("off", fuse=False),
             "tokenret fp32, BatchNorm not folded": ours("off", fold=False),
         }
         if args.compile:

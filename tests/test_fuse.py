@@ -12,7 +12,7 @@ from torch import nn
 
 import tokenret
 from tokenret.extract import ExtractionConfig, extract_descriptors
-from tokenret.models.fuse import fold_batchnorm, fold_conv_bn
+from tokenret.models.fuse import fold_batchnorm, fold_conv_bn, pointwise_fusion_available
 
 
 def _randomise_bn(model: nn.Module, seed: int = 0) -> None:
@@ -136,3 +136,108 @@ def test_compile_without_a_cpp_compiler_fails_before_any_work(monkeypatch, tmp_p
     monkeypatch.setenv("CXX", "/opt/my/g++")  # an explicit compiler is trusted
     ex._check_compiler(torch.device("cpu"))
     ex._check_compiler(torch.device("cuda"))  # GPU kernels need no host compiler check here
+
+
+# --- oneDNN post-op fusion (ReLU and residual add inside the convolution) ---------------------------------
+
+needs_fusion = pytest.mark.skipif(
+    not pointwise_fusion_available(),
+    reason="this torch build has no oneDNN fused convolutions (torch.ops.mkldnn._convolution_pointwise)",
+)
+
+
+@needs_fusion
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet50"])  # BasicBlock / Bottleneck with downsample
+def test_fused_activations_compute_what_the_folded_network_computes(backbone):
+    from tokenret.models.fuse import ConvReLU, FusedResidualBlock, fuse_activations
+
+    model = tokenret.create_model("token_r50", backbone=backbone, dim=32, num_heads=4, out_dim=16)
+    _randomise_bn(model)
+    model.eval()
+    folded = fold_batchnorm(model)
+    reference = fold_batchnorm(model).double()  # float64, unfused: the independent computation
+    n = fuse_activations(folded)
+    blocks = 8 if backbone == "resnet18" else 16
+    assert sum(isinstance(m, FusedResidualBlock) for m in folded.modules()) == blocks
+    assert sum(isinstance(m, ConvReLU) for m in folded.modules()) == n - blocks >= 1  # the stem at least
+    trunk_relus = [m for m in folded.backbone.modules() if isinstance(m, nn.ReLU)]
+    assert trunk_relus == []  # every ReLU of the trunk went into a convolution
+    x = torch.randn(2, 3, 72, 56)
+    with torch.inference_mode():
+        want = reference(x.double())
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            got = folded.to(memory_format=fmt)(x.contiguous(memory_format=fmt))
+            torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+
+
+@needs_fusion
+def test_a_block_with_its_own_forward_is_left_alone():
+    import torchvision
+
+    from tokenret.models.fuse import FusedResidualBlock, fuse_activations
+
+    class Gated(torchvision.models.resnet.BasicBlock):
+        def forward(self, x):
+            return super().forward(x) * 0.5
+
+    net = nn.Sequential(Gated(8, 8), torchvision.models.resnet.BasicBlock(8, 8)).eval()
+    folded = fold_batchnorm(net)
+    reference = fold_batchnorm(net)
+    fuse_activations(folded)
+    assert isinstance(folded[0], Gated) and isinstance(folded[1], FusedResidualBlock)
+    x = torch.randn(1, 8, 10, 9)
+    with torch.inference_mode():
+        torch.testing.assert_close(folded(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
+def test_fusion_is_used_only_for_cpu_float32_eager_and_never_on_the_callers_model(monkeypatch):
+    from tokenret import extract as ex
+    from tokenret.models import fuse
+
+    model = tokenret.create_model("token_r50", backbone="resnet18", dim=32, num_heads=4, out_dim=16).eval()
+
+    def fused(cfg):
+        return any(isinstance(m, fuse.FusedResidualBlock) for m in ex.inference_network(model, cfg).modules())
+
+    available = fuse.pointwise_fusion_available()
+    assert fused(ExtractionConfig()) == available
+    assert not fused(ExtractionConfig(amp="bf16"))  # autocast would not reach the fused kernels
+    assert not fused(ExtractionConfig(fuse_activations=False))
+    assert not fused(ExtractionConfig(fold_batchnorm=False))  # that network is the caller's model
+    assert not any(isinstance(m, fuse.FusedResidualBlock) for m in model.modules())
+    # a torch build without the kernels: nothing is fused, extraction goes on unfused
+    monkeypatch.setattr(fuse, "pointwise_fusion_available", lambda: False)
+    assert not fused(ExtractionConfig())
+
+
+def test_pointwise_fusion_is_turned_off_when_the_kernels_fail(monkeypatch):
+    from tokenret.models import fuse
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("not built with oneDNN")
+
+    fuse.pointwise_fusion_available.cache_clear()
+    monkeypatch.setattr(fuse, "_pointwise", broken)
+    try:
+        assert fuse.pointwise_fusion_available() is False
+        net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+        assert fuse.fuse_activations(net) == 0 and type(net[1]) is nn.ReLU
+    finally:
+        fuse.pointwise_fusion_available.cache_clear()
+
+
+@needs_fusion
+def test_extraction_with_and_without_fused_activations_agree(tmp_path):
+    rng = np.random.default_rng(2)
+    paths = []
+    for i in range(3):
+        p = tmp_path / f"{i}.png"
+        Image.fromarray(rng.integers(0, 255, (48, 40 + 8 * i, 3), dtype=np.uint8)).save(p)
+        paths.append(p)
+    model = tokenret.create_model("token_r50", backbone="resnet18", dim=32, num_heads=4, out_dim=16)
+    _randomise_bn(model)
+    runs = {}
+    for fuse_ in (True, False):
+        cfg = ExtractionConfig(max_size=48, scales=(1.0, 0.75), num_workers=0, fuse_activations=fuse_)
+        runs[fuse_] = extract_descriptors(model, paths, config=cfg, progress=False).descriptors
+    np.testing.assert_allclose(runs[True], runs[False], atol=2e-5)
