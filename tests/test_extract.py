@@ -164,3 +164,39 @@ def test_two_processes_share_the_shards_and_agree(tmp_path):
     for r in (0, 1):
         np.testing.assert_allclose(np.load(results / f"rank{r}.npy"), single, atol=1e-5)
     assert len(list(out.glob("shard_*.npy"))) == 4
+
+
+def test_gem_networks_combine_scales_by_generalised_mean_as_cirtorch():
+    """cirtorch's multi-scale rule: GeM without a whitening layer -> (mean_s d_s^p)^(1/p); with whitening, or
+    for Token (the release's test.py), a plain mean. Checked against a loop written from that rule."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 48)
+    scales = (1.0, 2**-0.5, 0.5)
+
+    def per_scale(model):
+        with torch.no_grad():
+            return [
+                F.normalize(model(x if s == 1 else F.interpolate(x, scale_factor=s, mode="bilinear")), dim=-1)
+                for s in scales
+            ]
+
+    gem = tokenret.create_model("gem_r50", backbone="resnet18").eval()
+    with torch.no_grad():
+        gem.pooling.p.fill_(2.5)
+    assert gem.multiscale_power == 2.5
+    ds = per_scale(gem)
+    want = F.normalize((sum(d.pow(2.5) for d in ds) / 3).pow(1 / 2.5), dim=-1)
+    with torch.no_grad():
+        got = ex.multiscale_descriptor(gem, x, scales)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert (got - F.normalize(sum(ds) / 3, dim=-1)).abs().max() > 1e-4  # not the plain mean
+        one = ex.multiscale_descriptor(gem, x, (1.0,))  # one scale: the descriptor itself
+        torch.testing.assert_close(one, ds[0], rtol=1e-5, atol=1e-6)
+    whitened = tokenret.create_model("gem_r50", backbone="resnet18", whiten_dim=32).eval()
+    assert whitened.multiscale_power == 1.0
+    token = tokenret.create_model("token_r50", backbone="resnet18", dim=32, num_heads=4, out_dim=16).eval()
+    ds = per_scale(token)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            ex.multiscale_descriptor(token, x, scales), F.normalize(sum(ds) / 3, dim=-1), rtol=1e-5, atol=1e-6
+        )

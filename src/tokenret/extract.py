@@ -142,7 +142,13 @@ def model_fingerprint(model: nn.Module) -> str:
 
 
 def multiscale_descriptor(model: nn.Module, images: torch.Tensor, scales: Sequence[float]) -> torch.Tensor:
-    """(B, 3, H, W) normalised images -> (B, D) L2-normalised mean of per-scale descriptors (float32)."""
+    """(B, 3, H, W) normalised images -> (B, D) L2-normalised mean of per-scale descriptors (float32).
+
+    The mean is plain (Token's release, and every model by default). A model with a ``multiscale_power``
+    attribute p != 1 (cirtorch's GeM networks without a whitening layer) gets cirtorch's generalised mean
+    over more than one scale instead: (mean of d_s^p)^(1/p), then L2-normalised.
+    """
+    msp = float(getattr(model, "multiscale_power", 1.0)) if len(scales) > 1 else 1.0
     total = None
     for s in scales:
         x = (
@@ -153,8 +159,11 @@ def multiscale_descriptor(model: nn.Module, images: torch.Tensor, scales: Sequen
         if images.is_contiguous(memory_format=torch.channels_last):
             x = x.contiguous(memory_format=torch.channels_last)
         d = F.normalize(model(x).float(), dim=-1)
+        if msp != 1.0:
+            d = d.pow(msp)
         total = d if total is None else total + d
-    return F.normalize(total / len(scales), dim=-1)
+    total = total / len(scales)
+    return F.normalize(total.pow(1.0 / msp) if msp != 1.0 else total, dim=-1)
 
 
 class ImageList(Dataset):

@@ -79,6 +79,13 @@ class GeMModel(RetrievalModel):
         self.whiten = nn.Linear(c, whiten_dim) if whiten_dim else None
         self.descriptor_dim = whiten_dim or c
 
+    @property
+    def multiscale_power(self) -> float:
+        """How cirtorch combines this model's multi-scale descriptors: a generalised mean with the GeM p when
+        there is no whitening layer, else a plain mean (1)."""
+        p = self.pooling.p
+        return float(p.detach() if isinstance(p, Tensor) else p) if self.whiten is None else 1.0
+
     def head(self, features: Tensor) -> Tensor:
         x = self.pooling(features)
         if self.whiten is not None:
