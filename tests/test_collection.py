@@ -423,3 +423,60 @@ def test_ivf_index_is_updated_in_place_after_small_changes(tmp_path):
         assert reopened.update_ann()
         state = json.loads((reopened.path / "ann" / "state.json").read_text())
         assert "updated" not in state and state["built"] > built["built"] and state["n"] == 920
+
+
+def test_qdrant_backend_ranks_like_brute_force_and_follows_changes(tmp_path, monkeypatch):
+    """A folder index searched through a Qdrant collection (local mode here; a cluster by URL elsewhere):
+    the same ranking as brute force, removals and additions applied to the collection in place, a reopened
+    index finds it current, and a rebuild empties the collection first."""
+    pytest.importorskip("qdrant_client", reason="optional dependency qdrant-client (installed by .ci/run)")
+    x = clustered_vectors(500)
+    q = clustered_vectors(12, seed=4)
+    target = tmp_path / "qdrant"
+    with vector_index(tmp_path, x) as index:
+        spec = index.set_backend(f"qdrant:{target}#photos")
+        assert spec == f"qdrant:{target.resolve()}#photos" and index.ann_status() == "current"
+        ids, scores = brute_force(index, q, 10)
+        got_scores, got_ids = index.knn(q, 10)
+        np.testing.assert_array_equal(got_ids, ids)
+        np.testing.assert_allclose(got_scores, scores, atol=1e-5)
+        built = json.loads((index.path / "ann" / "state.json").read_text())
+        paths = index.paths()
+        removed = {int(i) for i in index.vectors()[1] if index.image_path(int(i)) in set(paths[:30])}
+        assert len(removed) == 30 and index.remove_paths(paths[:30]) == 30
+        add_vectors(index, tmp_path, clustered_vectors(25, seed=9), start=7000)
+        state = json.loads((index.path / "ann" / "state.json").read_text())
+        assert state["built"] == built["built"] and "updated" in state  # changed in place, not refilled
+        assert index.ann_index().ntotal == 495
+        ids, scores = brute_force(index, q, 10)
+        got_scores, got_ids = index.knn(q, 10)
+        np.testing.assert_array_equal(got_ids, ids)
+        assert not removed & set(got_ids.ravel().tolist())
+    with ImageIndex(tmp_path / "vidx") as reopened:
+        assert reopened.backend == spec and reopened.ann_status() == "current"
+
+        def no_rebuild(*args):
+            raise AssertionError("the Qdrant collection should have been reused")
+
+        monkeypatch.setattr(ImageIndex, "_build_ann", no_rebuild)
+        np.testing.assert_array_equal(reopened.knn(q, 10)[1], ids)
+        monkeypatch.undo()
+        (reopened.path / "ann" / "state.json").unlink()  # lost track of what it holds: refilled from scratch
+    with ImageIndex(tmp_path / "vidx") as again:
+        assert again.ann_status() == "missing"
+        assert again.update_ann() and again.ann_index().ntotal == 495  # emptied first: no duplicates
+        np.testing.assert_array_equal(again.knn(q, 10)[1], ids)
+    with pytest.raises(ValueError, match="names its server or folder"):
+        col.check_backend("qdrant:", None, 16)
+
+
+def test_default_qdrant_collection_names_differ_per_index(tmp_path):
+    a = col.default_qdrant_collection(tmp_path / "a" / "photos.idx")
+    b = col.default_qdrant_collection(tmp_path / "b" / "photos.idx")
+    assert a != b and a.startswith("tokenret_photos_idx_")
+    assert col.qdrant_target("qdrant:https://q.example:6333#c1") == {
+        "url": "https://q.example:6333",
+        "path": None,
+        "collection": "c1",
+    }
+    assert col.qdrant_target("HNSW32") is None

@@ -711,7 +711,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--backend",
         default=None,
         help="search backend to record: auto (new indexes: exact up to 200k images, then IVF-PQ), exact, "
-        "or a FAISS factory string such as HNSW32 or IVF4096_HNSW32,PQ64",
+        "a FAISS factory string such as HNSW32 or IVF4096_HNSW32,PQ64, or a Qdrant collection for search "
+        "beyond one machine: qdrant:http://HOST:6333[#COLLECTION] (a server or cluster) or "
+        "qdrant:FOLDER[#COLLECTION] (Qdrant's local mode)",
     )
     p.add_argument(
         "--refine",

@@ -1,4 +1,4 @@
-"""Vector indexes: exact search and FAISS behind one small faiss-like interface.
+"""Vector indexes: exact search, FAISS and Qdrant (beyond one machine) behind one small faiss-like interface.
 
 Example:
     >>> import numpy as np
@@ -23,6 +23,7 @@ from tokenret.index.base import (
 )
 from tokenret.index.exact import ExactIndex
 from tokenret.index.faiss_index import FaissIndex  # faiss itself is imported on first use
+from tokenret.index.qdrant_index import QdrantIndex  # qdrant-client too
 from tokenret.index.recall import RecallReport, check_recall, recall_at_k, recall_per_query
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "ExactIndex",
     "FaissIndex",
     "IndexFormatError",
+    "QdrantIndex",
     "RecallReport",
     "VectorIndex",
     "check_recall",

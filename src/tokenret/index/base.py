@@ -2,8 +2,8 @@
 
 An index holds unit-length float descriptors, each with an int64 id, and answers k-nearest-neighbour
 queries by inner product (cosine similarity): the same small interface as a faiss index
-(``add``, ``search``, ``remove``, ``save``, ``load``), so the exact index and the FAISS wrappers
-can be swapped by a short spec string.
+(``add``, ``search``, ``remove``, ``save``, ``load``), so the exact index, the FAISS wrappers and a
+Qdrant collection (search over a cluster of machines) can be swapped by a short spec string.
 
 Result conventions (all indexes):
 
@@ -260,8 +260,9 @@ def _index_classes() -> dict[str, type[VectorIndex]]:
     # imported here: exact/faiss_index import this module, and faiss must stay optional
     from tokenret.index.exact import ExactIndex
     from tokenret.index.faiss_index import FaissIndex
+    from tokenret.index.qdrant_index import QdrantIndex
 
-    return {ExactIndex.kind: ExactIndex, FaissIndex.kind: FaissIndex}
+    return {ExactIndex.kind: ExactIndex, FaissIndex.kind: FaissIndex, QdrantIndex.kind: QdrantIndex}
 
 
 def load_index(path: str | os.PathLike) -> VectorIndex:
@@ -288,6 +289,8 @@ def make_index(spec: str, dim: int, **options: Any) -> VectorIndex:
 
     Args:
         spec: ``"Flat"`` or ``"exact"`` (case-insensitive) for :class:`~tokenret.index.ExactIndex`;
+            ``"qdrant"`` for :class:`~tokenret.index.QdrantIndex` (a Qdrant collection: pass ``url=``,
+            ``path=`` or ``location=":memory:"`` and ``collection=``; needs ``pip install qdrant-client``);
             anything else is a faiss ``index_factory`` string (``"HNSW32"``, ``"IVF4096,PQ64"``)
             wrapped in :class:`~tokenret.index.FaissIndex` (needs ``pip install faiss-cpu``).
         dim: descriptor dimension.
@@ -306,6 +309,10 @@ def make_index(spec: str, dim: int, **options: Any) -> VectorIndex:
         from tokenret.index.exact import ExactIndex
 
         return ExactIndex(dim, **options)
+    if spec.strip().lower() == "qdrant":
+        from tokenret.index.qdrant_index import QdrantIndex
+
+        return QdrantIndex(dim, **options)
     from tokenret.index.faiss_index import FaissIndex
 
     return FaissIndex(spec.strip(), dim, **options)

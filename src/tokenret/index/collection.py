@@ -104,7 +104,7 @@ def find_images(root: str | Path) -> list[Path]:
 
 
 def _add_rows(ann: Any, vecs: np.ndarray, ids: np.ndarray, rows: np.ndarray) -> None:
-    """Add the stored vectors at ``rows`` to a FAISS index under ``ids``, upcast a chunk at a time."""
+    """Add the stored vectors at ``rows`` to an index (FAISS, Qdrant) under ``ids``, a chunk at a time."""
     for start in range(0, len(ids), _BUILD_CHUNK):
         ann.add(
             np.asarray(vecs[rows[start : start + _BUILD_CHUNK]], dtype=np.float32),
@@ -213,7 +213,15 @@ class ImageIndex:
         return cls(path)
 
     def close(self) -> None:
+        self._release_ann()
         self.db.close()
+
+    def _release_ann(self) -> None:
+        """Let go of the loaded approximate index (a Qdrant client holds a connection, or in local mode the
+        folder's lock, which the next load needs)."""
+        if self._ann is not None and hasattr(self._ann[1], "close"):
+            self._ann[1].close()
+        self._ann = None
 
     def __enter__(self) -> ImageIndex:
         return self
@@ -582,6 +590,7 @@ class ImageIndex:
         state = self._read_ann_state()
         if state is not None and all(state.get(k) == v for k, v in want.items()):
             return False
+        self._release_ann()
         ann = self._refresh_ann(want, state)
         if ann is None:
             log.info(
@@ -598,6 +607,7 @@ class ImageIndex:
             return None
         if self._ann is not None and self._ann[0] == want:
             return self._ann[1]
+        self._release_ann()
         ann = self._load_ann(want)
         state = self._read_ann_state() if ann is None else None
         if ann is None:
@@ -641,12 +651,19 @@ class ImageIndex:
         return ann
 
     def _build_ann(self, want: dict[str, Any]) -> Any:
-        """Build the FAISS index over the stored vectors, save it under ``ann/`` and return it."""
+        """Build the FAISS index (or fill the Qdrant collection) over the stored vectors, save it under
+        ``ann/`` and return it."""
         from tokenret.index.faiss_index import FaissIndex
 
         vecs = self._vector_file()
         ids, rows, updated = self._covered()
         spec = want["spec"]
+        if qdrant_target(spec) is not None:
+            ann = self._qdrant_index(spec)
+            ann.clear()  # whatever the collection held before (an earlier build, another index's images)
+            _add_rows(ann, vecs, ids, rows)
+            self._save_ann(ann, {**want, "rows": int(len(vecs)), "built": time.time()}, (ids, updated))
+            return ann
         ann = FaissIndex(spec, self.dim)
         if ann.is_hnsw:
             ann.set_search_params(efSearch=HNSW_EF_SEARCH)
@@ -664,6 +681,16 @@ class ImageIndex:
         _add_rows(ann, vecs, ids, rows)
         self._save_ann(ann, {**want, "rows": int(len(vecs)), "built": time.time()}, (ids, updated))
         return ann
+
+    def _qdrant_index(self, spec: str) -> Any:
+        """The Qdrant collection a ``qdrant:TARGET[#COLLECTION]`` backend names (by default one named after
+        this index's folder)."""
+        from tokenret.index.qdrant_index import QdrantIndex
+
+        target = qdrant_target(spec)
+        name = target["collection"] or default_qdrant_collection(self.path)
+        where = {"url": target["url"]} if target["url"] else {"path": target["path"]}
+        return QdrantIndex(self.dim, name, **where)
 
     def _covered(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(ids, rows, updated) of the searchable images, in row order, read at one moment (one query)."""
@@ -687,14 +714,20 @@ class ImageIndex:
             ann = load_index(self.path / ANN_DIR)
         except (IndexFormatError, OSError, RuntimeError, KeyError, ValueError):
             return None
-        if ann.is_hnsw or not ann.nlist or ann.ntotal != len(old_ids) or self._read_ann_state() != state:
+        qdrant = (
+            qdrant_target(want["spec"]) is not None
+        )  # a collection takes removals and additions as they come
+        updatable = qdrant or (not ann.is_hnsw and ann.nlist)
+        if not updatable or ann.ntotal != len(old_ids) or self._read_ann_state() != state:
+            if hasattr(ann, "close"):
+                ann.close()
             return None
         ids, rows, updated = self._covered()
         common, i_old, i_new = np.intersect1d(old_ids, ids, assume_unique=True, return_indices=True)
         same = common[old_updated[i_old] == updated[i_new]]
         gone = old_ids[~np.isin(old_ids, same)]
         new = ~np.isin(ids, same)
-        if len(gone) + int(new.sum()) > ANN_UPDATE_MAX_FRACTION * max(len(ids), 1):
+        if not qdrant and len(gone) + int(new.sum()) > ANN_UPDATE_MAX_FRACTION * max(len(ids), 1):
             return None
         log.info(
             "updating the approximate index %s in %s: %d images out, %d in",
@@ -838,6 +871,33 @@ class ImageIndex:
         return self.search(q, k)
 
 
+def qdrant_target(backend: str) -> dict[str, str | None] | None:
+    """``{"url", "path", "collection"}`` of a ``qdrant:TARGET[#COLLECTION]`` backend (TARGET an http(s) URL
+    of a Qdrant server or cluster, or a folder for Qdrant's local mode); None for any other backend."""
+    if not isinstance(backend, str) or not backend.lower().startswith("qdrant:"):
+        return None
+    target, _, collection = backend[len("qdrant:") :].partition("#")
+    if not target:
+        raise ValueError(
+            "a Qdrant backend names its server or folder: qdrant:http://HOST:6333[#COLLECTION] or "
+            "qdrant:FOLDER[#COLLECTION]"
+        )
+    is_url = target.startswith(("http://", "https://"))
+    return {
+        "url": target if is_url else None,
+        "path": None if is_url else target,
+        "collection": collection or None,
+    }
+
+
+def default_qdrant_collection(index_path: Path) -> str:
+    """The collection an index uses when its Qdrant backend names none: its folder name and a hash of its
+    absolute path (two indexes never share one)."""
+    path = Path(index_path).resolve()
+    stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in path.name)[:40]
+    return f"tokenret_{stem}_{hashlib.sha256(str(path).encode()).hexdigest()[:10]}"
+
+
 def resolve_backend(backend: str, n: int, dim: int) -> str:
     """The spec a backend setting means for ``n`` images of size ``dim``: "exact" or a FAISS string."""
     if backend == "auto":
@@ -859,6 +919,14 @@ def check_backend(backend: str, refine: int | None, dim: int) -> tuple[str, int 
         backend = "auto"
     elif is_exact_spec(backend):
         backend = "exact"
+    elif (target := qdrant_target(backend)) is not None:
+        from tokenret.index.qdrant_index import _qdrant
+
+        _qdrant()  # the client is installed, or an ImportError with the install command
+        if target["path"] is not None:  # a local folder: recorded absolute, whatever the working directory
+            target["path"] = str(Path(target["path"]).expanduser().resolve())
+        where = target["url"] or target["path"]
+        backend = f"qdrant:{where}" + (f"#{target['collection']}" if target["collection"] else "")
     else:
         from tokenret.index.faiss_index import FaissIndex
 
