@@ -19,7 +19,7 @@ def naive_expand(vector, database, candidates, k, alpha):
     chosen = sorted(candidates, key=lambda j: (-sims[j], j))[:k]
     total = np.array(vector, dtype=np.float64)
     for j in chosen:
-        weight = sims[j] ** alpha if sims[j] > 0 else 0.0
+        weight = 1.0 if alpha == 0 else sims[j] ** alpha if sims[j] > 0 else 0.0  # alpha 0: average QE
         total = total + weight * database[j]
     norm = np.linalg.norm(total)
     return total / norm if norm > 0 else total
@@ -110,3 +110,12 @@ def test_bad_inputs():
         database_side_augmentation(np.zeros((4, 5)), -1)
     with pytest.raises(ValueError, match="alpha"):
         database_side_augmentation(np.zeros((4, 5)), 2, alpha=-1)
+
+
+def test_alpha_zero_is_average_qe_even_over_dissimilar_neighbours():
+    q = np.array([[1.0, 0.0, 0.0]])
+    db = np.array([[-0.6, 0.8, 0.0], [-0.6, 0.0, 0.8]])  # both dissimilar to the query (similarity -0.6)
+    avg = q[0] + db[0] + db[1]  # average QE: the query and its k neighbours, equal weights
+    np.testing.assert_allclose(alpha_query_expansion(q, db, 2, 0.0)[0], avg / np.linalg.norm(avg), atol=1e-12)
+    np.testing.assert_allclose(alpha_query_expansion(q, db, 2, 3.0)[0], q[0], atol=1e-12)  # weights 0
+    np.testing.assert_allclose(alpha_query_expansion(q, db, 5, 0.0)[0], avg / np.linalg.norm(avg), atol=1e-12)

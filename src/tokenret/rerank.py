@@ -8,8 +8,9 @@ Conventions (the paper leaves them open):
 
 * descriptors are rows, L2-normalised; similarity is the dot product;
 * the vector itself always has weight 1 (its similarity with itself);
-* neighbours with similarity <= 0 get weight 0 (also for alpha = 0), so a fractional alpha never yields NaN
-  and an odd alpha never subtracts a dissimilar image;
+* for alpha > 0, neighbours with similarity <= 0 get weight 0, so a fractional alpha never yields NaN and
+  an odd alpha never subtracts a dissimilar image; alpha = 0 weights every one of the k neighbours 1
+  (similarity^0), which is average QE;
 * alpha-QE: the query plus its ``k`` nearest database vectors (the query is not in the database);
 * DBA: ``k`` counts the item itself, i.e. the item plus its ``k - 1`` nearest *other* database vectors
   (the item is excluded by index, so an exact duplicate elsewhere in the database is still a neighbour);
@@ -111,7 +112,9 @@ def _expand(
 ) -> np.ndarray:
     out_dtype = np.result_type(vectors.dtype, database.dtype, np.float32)
     out = np.empty(vectors.shape, dtype=out_dtype)
-    weights = np.where(sims > 0, np.maximum(sims, 0.0) ** alpha, 0.0)
+    # max(s, 0)^alpha: 0 for dissimilar neighbours when alpha > 0, and 0^0 = 1 (average QE) when alpha = 0;
+    # a missing neighbour (fewer than k in the database) has similarity -inf and weight 0
+    weights = np.where(np.isfinite(sims), np.maximum(sims, 0.0) ** alpha, 0.0)
     for start in range(0, vectors.shape[0], step):
         stop = start + step
         acc = np.asarray(vectors[start:stop], dtype=np.float64).copy()
