@@ -60,7 +60,8 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=qkv_bias)
         self.attn_drop = attn_drop
         self.proj_drop = nn.Dropout(proj_drop)
-        for lin in (self.q, self.k, self.v):
+        # as the release: all four drawn (so later seeded draws line up with it), then proj zeroed
+        for lin in (self.q, self.k, self.v, self.proj):
             nn.init.trunc_normal_(lin.weight, std=0.02, a=-2.0, b=2.0)
             if lin.bias is not None:
                 nn.init.zeros_(lin.bias)
