@@ -28,6 +28,17 @@ def _randomise_bn(model: nn.Module, seed: int = 0) -> None:
                     m.bias.copy_(torch.randn(m.num_features, generator=g))
 
 
+def _random_images(tmp_path, seed: int, sizes: list[tuple[int, int]]) -> list:
+    """PNG files of random pixels, one per (height, width)."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i, (h, w) in enumerate(sizes):
+        p = tmp_path / f"{i}.png"
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(p)
+        paths.append(p)
+    return paths
+
+
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("affine", [True, False])
 def test_folded_conv_equals_conv_then_batchnorm(bias, affine):
@@ -54,12 +65,7 @@ def test_folded_token_model_gives_the_same_descriptors_and_leaves_the_original_a
 
 
 def test_extraction_with_and_without_folding_agree(tmp_path):
-    rng = np.random.default_rng(0)
-    paths = []
-    for i in range(3):
-        p = tmp_path / f"{i}.png"
-        Image.fromarray(rng.integers(0, 255, (40 + 8 * i, 56, 3), dtype=np.uint8)).save(p)
-        paths.append(p)
+    paths = _random_images(tmp_path, 0, [(40 + 8 * i, 56) for i in range(3)])
     model = tokenret.create_model("token_r50", backbone="resnet18", dim=32, num_heads=4, out_dim=16)
     _randomise_bn(model)
     runs = {}
@@ -77,12 +83,7 @@ def test_extraction_with_and_without_folding_agree(tmp_path):
 def test_compiled_extraction_gives_the_same_descriptors_and_is_reused(tmp_path):
     from tokenret import extract as ex
 
-    rng = np.random.default_rng(1)
-    paths = []
-    for i in range(3):
-        p = tmp_path / f"{i}.png"
-        Image.fromarray(rng.integers(0, 255, (48, 40 + 8 * i, 3), dtype=np.uint8)).save(p)
-        paths.append(p)
+    paths = _random_images(tmp_path, 1, [(48, 40 + 8 * i) for i in range(3)])
     model = tokenret.create_model("token_r50", backbone="resnet18", dim=32, num_heads=4, out_dim=16)
     _randomise_bn(model)
     plain = ExtractionConfig(max_size=48, scales=(1.0, 0.75), num_workers=0)
@@ -228,12 +229,7 @@ def test_pointwise_fusion_is_turned_off_when_the_kernels_fail(monkeypatch):
 
 @needs_fusion
 def test_extraction_with_and_without_fused_activations_agree(tmp_path):
-    rng = np.random.default_rng(2)
-    paths = []
-    for i in range(3):
-        p = tmp_path / f"{i}.png"
-        Image.fromarray(rng.integers(0, 255, (48, 40 + 8 * i, 3), dtype=np.uint8)).save(p)
-        paths.append(p)
+    paths = _random_images(tmp_path, 2, [(48, 40 + 8 * i) for i in range(3)])
     model = tokenret.create_model("token_r50", backbone="resnet18", dim=32, num_heads=4, out_dim=16)
     _randomise_bn(model)
     runs = {}
