@@ -480,3 +480,14 @@ def test_default_qdrant_collection_names_differ_per_index(tmp_path):
         "collection": "c1",
     }
     assert col.qdrant_target("HNSW32") is None
+
+
+def test_cli_names_an_unreachable_qdrant_server_and_keeps_the_old_backend(tmp_path, capsys):
+    pytest.importorskip("qdrant_client", reason="optional dependency qdrant-client (installed by .ci/run)")
+    with vector_index(tmp_path, clustered_vectors(50)) as index:
+        path = index.path
+    rc = main(["index", str(path), "--backend", "qdrant:http://127.0.0.1:9#photos"])  # nothing listens there
+    err = capsys.readouterr().err
+    assert rc == 2 and "cannot use Qdrant at http://127.0.0.1:9" in err and "Traceback" not in err
+    with ImageIndex(path) as index:
+        assert index.backend == "auto" and index.ann_status() == "exact"

@@ -801,6 +801,8 @@ def main(argv: list[str] | None = None) -> int:
         KeyError,
         ValueError,
         ExtractionError,
+        ImportError,  # an optional dependency (faiss-cpu, qdrant-client): the message names the install
+        ConnectionError,  # a search server (Qdrant) that cannot be reached
     ) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"tokenret: error: {msg}", file=sys.stderr)
