@@ -482,7 +482,6 @@ def test_default_qdrant_collection_names_differ_per_index(tmp_path):
     assert col.qdrant_target("HNSW32") is None
 
 
-@pytest.mark.filterwarnings("ignore:Failed to obtain server version")  # the client's own, unreachable server
 def test_cli_names_an_unreachable_qdrant_server_and_keeps_the_old_backend(tmp_path, capsys):
     pytest.importorskip("qdrant_client", reason="optional dependency qdrant-client (installed by .ci/run)")
     with vector_index(tmp_path, clustered_vectors(50)) as index:

@@ -99,7 +99,6 @@ def test_refusals_name_the_problem(tmp_path):
         QdrantIndex(12, "shared", path=tmp_path / "q")
 
 
-@pytest.mark.filterwarnings("ignore:Failed to obtain server version")  # the client's own, unreachable server
 def test_an_unreachable_server_is_named():
     with pytest.raises(ConnectionError, match=r"cannot use Qdrant at http://127\.0\.0\.1:9 .*server running"):
         QdrantIndex(8, url="http://127.0.0.1:9", timeout=2)  # nothing listens on the discard port
