@@ -14,6 +14,9 @@ import shutil
 # Set before numpy is first imported.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", os.environ.get("TOKENRET_TEST_THREADS", "1"))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# The tests compare CPU numerics (float32, no TF32) and assume CPU-only paths: on a GPU machine extraction
+# would default to cuda. TOKENRET_DEVICE=cuda runs them there (tolerances are CPU ones).
+os.environ.setdefault("TOKENRET_DEVICE", "cpu")
 
 from pathlib import Path  # noqa: E402
 

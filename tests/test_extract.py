@@ -200,3 +200,13 @@ def test_gem_networks_combine_scales_by_generalised_mean_as_cirtorch():
         torch.testing.assert_close(
             ex.multiscale_descriptor(token, x, scales), F.normalize(sum(ds) / 3, dim=-1), rtol=1e-5, atol=1e-6
         )
+
+
+def test_tokenret_device_sets_the_default_device(monkeypatch):
+    monkeypatch.setenv("TOKENRET_DEVICE", "meta")
+    assert ex.resolve_device(None) == torch.device("meta")
+    assert ex.ExtractionConfig().resolved_device() == torch.device("meta")
+    assert ex.resolve_device("cpu") == torch.device("cpu")  # an explicit device wins
+    monkeypatch.delenv("TOKENRET_DEVICE")
+    want = "cuda" if torch.cuda.is_available() else "cpu"
+    assert ex.resolve_device(None).type == want

@@ -88,7 +88,11 @@ def add_extraction_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="images of equal size per forward pass")
     p.add_argument("--workers", type=int, default=2, help="image decoding processes")
     p.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off", help="autocast (fp16: GPU only)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument(
+        "--device",
+        default=None,
+        help="cpu, cuda, cuda:1 ... (default: $TOKENRET_DEVICE, else cuda if available)",
+    )
     p.add_argument(
         "--compile",
         action="store_true",
@@ -771,7 +775,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--port", type=int, default=8080, help="port (0: any free one)")
     p.add_argument("--checkpoint", help="the index's weights, if the recorded file moved")
-    p.add_argument("--device", default=None, help="where queries are described (default: cuda if available)")
+    p.add_argument(
+        "--device",
+        default=None,
+        help="where queries are described (default: $TOKENRET_DEVICE, else cuda if available)",
+    )
     p.set_defaults(func=_cmd_serve)
 
     from tokenret.train.command import add_parser as add_train_parser

@@ -101,7 +101,9 @@ class ExtractionConfig:
 
 
 def resolve_device(device: str | None) -> torch.device:
-    """The given device, else this process's GPU under torchrun, else cuda when available, else cpu."""
+    """The given device, else ``$TOKENRET_DEVICE`` (e.g. "cpu" to keep a GPU machine's GPU free), else this
+    process's GPU under torchrun, else cuda when available, else cpu."""
+    device = device or os.environ.get("TOKENRET_DEVICE") or None
     if device:
         return torch.device(device)
     if dist.is_available() and dist.is_initialized() and torch.cuda.is_available():

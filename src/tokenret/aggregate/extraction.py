@@ -144,7 +144,7 @@ def _extract_range(
             failures[i] = (dataset.paths[i], error)
         else:
             out = model.extract_local(tensor.to(device), scales, topk)
-            sets[i] = (out["descriptors"].float().numpy(), out["attention"].float().numpy())
+            sets[i] = (out["descriptors"].float().cpu().numpy(), out["attention"].float().cpu().numpy())
         bar.update(1)
     store = LocalDescriptorStore(dim, with_strengths=True)
     empty = (np.empty((0, dim), np.float32), np.empty(0, np.float32))
