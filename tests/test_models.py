@@ -76,6 +76,22 @@ def test_attention_output_projection_starts_at_zero():
     assert attn(torch.randn(1, 4, 64), torch.randn(1, 4, 64), torch.randn(1, 4, 64)).abs().max() == 0
 
 
+def test_attention_initialisation_draws_in_the_release_order():
+    """The release builds q, k, v, proj (PyTorch's default init), then draws trunc_normal(std 0.02) for all
+    four in that order, zeroes the biases and then proj; the random numbers after it must line up."""
+    torch.manual_seed(7)
+    attn = Attention(32, num_heads=4)
+    after = torch.rand(3)
+    torch.manual_seed(7)
+    layers = [torch.nn.Linear(32, 32) for _ in range(4)]  # q, k, v, proj
+    for lin in layers:
+        torch.nn.init.trunc_normal_(lin.weight, std=0.02, a=-2.0, b=2.0)
+    for name, lin in zip(("q", "k", "v"), layers, strict=False):
+        torch.testing.assert_close(getattr(attn, name).weight, lin.weight, rtol=0, atol=0)
+        assert getattr(attn, name).bias.abs().sum() == 0
+    torch.testing.assert_close(torch.rand(3), after, rtol=0, atol=0)  # the same stream afterwards
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
