@@ -714,9 +714,8 @@ class ImageIndex:
             ann = load_index(self.path / ANN_DIR)
         except (IndexFormatError, OSError, RuntimeError, KeyError, ValueError):
             return None
-        qdrant = (
-            qdrant_target(want["spec"]) is not None
-        )  # a collection takes removals and additions as they come
+        # a Qdrant collection takes removals and additions as they come, however many
+        qdrant = qdrant_target(want["spec"]) is not None
         updatable = qdrant or (not ann.is_hnsw and ann.nlist)
         if not updatable or ann.ntotal != len(old_ids) or self._read_ann_state() != state:
             if hasattr(ann, "close"):
