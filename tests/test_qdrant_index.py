@@ -104,6 +104,16 @@ def test_an_unreachable_server_is_named():
         QdrantIndex(8, url="http://127.0.0.1:9", timeout=2)  # nothing listens on the discard port
 
 
+def test_a_local_folder_in_use_is_named(tmp_path):
+    first = QdrantIndex(8, path=tmp_path / "q")
+    try:
+        with pytest.raises(ConnectionError, match=r"local folder .* is in use by another client.*server"):
+            QdrantIndex(8, path=tmp_path / "q")
+    finally:
+        first.close()
+    QdrantIndex(8, path=tmp_path / "q").close()  # free again once the first lets go
+
+
 def test_missing_client_gives_install_hint(monkeypatch):
     import builtins
 

@@ -116,7 +116,14 @@ class QdrantIndex(VectorIndex):
         if url is not None:
             self._client = qdrant_client.QdrantClient(url=url, api_key=api_key, timeout=timeout)
         elif path is not None:
-            self._client = qdrant_client.QdrantClient(path=self.path)
+            try:
+                self._client = qdrant_client.QdrantClient(path=self.path)
+            except RuntimeError as err:  # the folder's lock: local mode serves one client at a time
+                raise ConnectionError(
+                    f"Qdrant's local folder {self.path} is in use by another client ({err}) Local mode "
+                    "allows one at a time: stop the other process (a running `tokenret serve`, say), or use "
+                    "a Qdrant server (qdrant:http://HOST:6333) for concurrent access."
+                ) from err
         else:
             self._client = qdrant_client.QdrantClient(location=":memory:")
         self._next_id: int | None = None  # max id + 1, found on the first add() without ids
