@@ -491,3 +491,10 @@ def test_cli_names_an_unreachable_qdrant_server_and_keeps_the_old_backend(tmp_pa
     assert rc == 2 and "cannot use Qdrant at http://127.0.0.1:9" in err and "Traceback" not in err
     with ImageIndex(path) as index:
         assert index.backend == "auto" and index.ann_status() == "exact"
+    # a local folder works, and the report names the collection in use
+    assert main(["index", str(path), "--backend", f"qdrant:{tmp_path / 'qd'}"]) == 0
+    capsys.readouterr()
+    assert main(["index", str(path), "--report", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["search"]["qdrant_collection"] == col.default_qdrant_collection(path)
+    assert report["search"]["ann"] == "current"

@@ -486,18 +486,26 @@ def _refine_from_args(args: argparse.Namespace, backend: str, current: int | Non
 
 
 def _backend_info(index) -> dict[str, object]:
-    return {
+    from tokenret.index.collection import default_qdrant_collection, qdrant_target
+
+    info = {
         "backend": index.backend,
         "spec": index.backend_spec(),
         "refine": index.refine,
         "ann": index.ann_status(),
     }
+    target = qdrant_target(info["spec"])
+    if target is not None:
+        info["qdrant_collection"] = target["collection"] or default_qdrant_collection(index.path)
+    return info
 
 
 def _describe_backend(index) -> str:
     """E.g. 'HNSW32, exact re-ranking of 200 candidates; approximate index current'."""
     info = _backend_info(index)
     text = info["spec"] if info["spec"] == info["backend"] else f"{info['spec']} (backend {info['backend']})"
+    if "qdrant_collection" in info:
+        text += f" (collection {info['qdrant_collection']})"
     if info["refine"]:
         text += f", exact re-ranking of {info['refine']} candidates"
     if info["ann"] != "exact":
