@@ -661,23 +661,21 @@ class ImageIndex:
         if qdrant_target(spec) is not None:
             ann = self._qdrant_index(spec)
             ann.clear()  # whatever the collection held before (an earlier build, another index's images)
-            _add_rows(ann, vecs, ids, rows)
-            self._save_ann(ann, {**want, "rows": int(len(vecs)), "built": time.time()}, (ids, updated))
-            return ann
-        ann = FaissIndex(spec, self.dim)
-        if ann.is_hnsw:
-            ann.set_search_params(efSearch=HNSW_EF_SEARCH)
-        n = len(ids)
-        if not ann.is_trained:
-            cap = max(ann.train_points_per_list * ann.nlist, _BUILD_CHUNK)
-            pick = np.sort(np.random.default_rng(ann.seed).choice(n, min(n, cap), replace=False))
-            try:
-                ann.train(np.asarray(vecs[rows[pick]], dtype=np.float32))
-            except ValueError as err:
-                raise ValueError(
-                    f"{self.path}: cannot build the approximate index {spec!r} over {n} images: {err} "
-                    "(set another backend: `tokenret index INDEX --backend auto`, 'exact' or 'HNSW32')"
-                ) from err
+        else:
+            ann = FaissIndex(spec, self.dim)
+            if ann.is_hnsw:
+                ann.set_search_params(efSearch=HNSW_EF_SEARCH)
+            n = len(ids)
+            if not ann.is_trained:
+                cap = max(ann.train_points_per_list * ann.nlist, _BUILD_CHUNK)
+                pick = np.sort(np.random.default_rng(ann.seed).choice(n, min(n, cap), replace=False))
+                try:
+                    ann.train(np.asarray(vecs[rows[pick]], dtype=np.float32))
+                except ValueError as err:
+                    raise ValueError(
+                        f"{self.path}: cannot build the approximate index {spec!r} over {n} images: {err} "
+                        "(set another backend: `tokenret index INDEX --backend auto`, 'exact' or 'HNSW32')"
+                    ) from err
         _add_rows(ann, vecs, ids, rows)
         self._save_ann(ann, {**want, "rows": int(len(vecs)), "built": time.time()}, (ids, updated))
         return ann
