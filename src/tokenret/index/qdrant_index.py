@@ -195,7 +195,8 @@ class QdrantIndex(VectorIndex):
                 self._next_id = self._max_id() + 1
             ids = new_ids(None, len(x), np.empty(0, np.int64), self._next_id)
         else:
-            ids = new_ids(as_id_array(ids), len(x), self._present(as_id_array(ids)), 0)
+            ids = as_id_array(ids)
+            ids = new_ids(ids, len(x), self._present(ids), 0)
         m = self._models
         for start in range(0, len(x), UPSERT_BATCH):
             stop = start + UPSERT_BATCH
