@@ -917,9 +917,9 @@ def check_backend(backend: str, refine: int | None, dim: int) -> tuple[str, int 
     elif is_exact_spec(backend):
         backend = "exact"
     elif (target := qdrant_target(backend)) is not None:
-        from tokenret.index.qdrant_index import _qdrant
+        from tokenret.index.qdrant_index import import_qdrant
 
-        _qdrant()  # the client is installed, or an ImportError with the install command
+        import_qdrant()  # the client is installed, or an ImportError with the install command
         if target["path"] is not None:  # a local folder: recorded absolute, whatever the working directory
             target["path"] = str(Path(target["path"]).expanduser().resolve())
         where = target["url"] or target["path"]

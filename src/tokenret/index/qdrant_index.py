@@ -48,7 +48,8 @@ UPSERT_BATCH = 512
 QUERY_BATCH = 64
 
 
-def _qdrant():
+def import_qdrant():
+    """(qdrant_client, qdrant_client.models), or an ImportError naming the install command."""
     try:
         import qdrant_client
         from qdrant_client import models
@@ -105,7 +106,7 @@ class QdrantIndex(VectorIndex):
             raise ValueError(f"collection must be a non-empty name, got {collection!r}")
         if hnsw_ef is not None and int(hnsw_ef) < 1:
             raise ValueError(f"hnsw_ef must be >= 1, got {hnsw_ef}")
-        qdrant_client, self._models = _qdrant()
+        qdrant_client, self._models = import_qdrant()
         self.collection = collection
         self.url = url
         self.path = str(Path(path).resolve()) if path is not None else None
