@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -210,3 +212,80 @@ def test_tokenret_device_sets_the_default_device(monkeypatch):
     monkeypatch.delenv("TOKENRET_DEVICE")
     want = "cuda" if torch.cuda.is_available() else "cpu"
     assert ex.resolve_device(None).type == want
+
+
+def test_streams_give_the_single_stream_descriptors_and_failures(tmp_path):
+    model = tiny_model()
+    paths = make_images(tmp_path / "imgs", SIZES)
+    bad = tmp_path / "imgs" / "broken.jpg"
+    bad.write_bytes(paths[0].read_bytes()[:200])
+    all_paths = [*paths[:3], bad, *paths[3:]]
+    boxes = [None] * len(all_paths)
+    boxes[1] = (10.4, 5.5, 70.6, 60.2)
+    results = {}
+    for streams in (1, 2, 3):
+        cfg = ex.ExtractionConfig(max_size=90, batch_size=2, num_workers=0, streams=streams)
+        res = ex.extract_descriptors(model, all_paths, boxes, cfg, on_error="record", progress=False)
+        results[streams] = res
+    ref = release_loop(model, paths, [boxes[0], boxes[1], boxes[2], *boxes[4:]], 90, ex.RELEASE_SCALES)
+    for streams, res in results.items():
+        assert set(res.failures) == {3}, streams
+        assert np.isnan(res.descriptors[3]).all()
+        np.testing.assert_allclose(np.delete(res.descriptors, 3, axis=0), ref, atol=2e-5)
+
+
+def test_run_streams_shares_the_threads_and_takes_each_item_once():
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        seen = []
+
+        def fn(item):
+            seen.append((item, threading.current_thread().name, torch.get_num_threads()))
+            assert torch.is_inference_mode_enabled()
+            time.sleep(0.01)
+
+        ex.run_streams(iter(range(30)), fn, streams=2)
+        assert sorted(i for i, _, _ in seen) == list(range(30))
+        assert len({name for _, name, _ in seen}) == 2  # both threads worked
+        assert {n for _, _, n in seen} == {2}  # 4 threads shared out, 2 each
+        assert torch.get_num_threads() == 4
+        # three streams over four threads: 2 + 1 + 1
+        seen.clear()
+        ex.run_streams(iter(range(30)), fn, streams=3)
+        per_thread = {name: n for _, name, n in seen}
+        assert sorted(per_thread.values()) == [1, 1, 2] and torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("error", [ValueError("bad item"), KeyboardInterrupt()])
+def test_run_streams_stops_at_the_first_error_and_raises_it(error):
+    done = []
+
+    def fn(item):
+        if item == 5:
+            raise error
+        time.sleep(0.005)
+        done.append(item)
+
+    with pytest.raises(type(error)):
+        ex.run_streams(iter(range(200)), fn, streams=2)
+    assert 5 not in done and len(done) < 20  # the other thread stopped after its current item
+    assert not [t for t in threading.enumerate() if t.name.startswith("tokenret-")]
+
+
+def test_streams_setting():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert ex.ExtractionConfig(streams=3).resolved_streams(cpu) == 3
+    assert ex.ExtractionConfig(streams=3).resolved_streams(gpu) == 1
+    assert ex.ExtractionConfig(streams=3, compile=True).resolved_streams(cpu) == 1
+    before = torch.get_num_threads()
+    try:
+        for threads, expected in ((1, 1), (2, 2), (8, 2)):
+            torch.set_num_threads(threads)
+            assert ex.ExtractionConfig().resolved_streams(cpu) == expected
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="streams"):
+        ex.ExtractionConfig(streams=-1)

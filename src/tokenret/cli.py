@@ -87,6 +87,12 @@ def add_extraction_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--batch-size", type=int, default=8, help="images of equal size per forward pass")
     p.add_argument("--workers", type=int, default=2, help="image decoding processes")
+    p.add_argument(
+        "--streams",
+        type=int,
+        default=0,
+        help="CPU: batches run at once, sharing torch's threads (default 0: 2 with 2+ threads; 1: off)",
+    )
     p.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off", help="autocast (fp16: GPU only)")
     p.add_argument(
         "--device",
@@ -123,6 +129,7 @@ def extraction_config_from_args(args: argparse.Namespace):
         amp=args.amp,
         device=args.device,
         compile=getattr(args, "compile", False),
+        streams=getattr(args, "streams", 0),
     )
 
 
@@ -389,7 +396,12 @@ def _cmd_show_results(args: argparse.Namespace) -> int:
 
 
 def _runtime_from_args(args: argparse.Namespace) -> dict[str, object]:
-    return {"batch_size": args.batch_size, "num_workers": args.workers, "device": args.device}
+    return {
+        "batch_size": args.batch_size,
+        "num_workers": args.workers,
+        "device": args.device,
+        "streams": getattr(args, "streams", 0),
+    }
 
 
 def _cmd_index(args: argparse.Namespace) -> int:

@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import shutil
+import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -69,6 +70,10 @@ class ExtractionConfig:
         compile: also ``torch.compile`` the copy's trunk (dynamic shapes, weights frozen into the graph): a
             one-off compilation (about a minute on a 2-core CPU, kept for later calls with the same weights),
             then ~1.15x faster on CPU; needs a C++ compiler.
+        streams: CPU only: batches run by this many threads at once, torch's threads shared out among them
+            (2 streams x 1 thread instead of 1 x 2: each convolution's thread team waits less for the
+            slowest thread; same descriptors to float rounding). 0 (default) picks 2 when torch has 2 or
+            more threads, else 1; 1 turns it off. Always 1 on GPU and with ``compile``.
         device: "cpu", "cuda", "cuda:1", ... (default: cuda when available).
         shard_size: images per shard file when writing to disk.
     """
@@ -82,6 +87,7 @@ class ExtractionConfig:
     fold_batchnorm: bool = True
     fuse_activations: bool = True
     compile: bool = False
+    streams: int = 0
     device: str | None = None
     shard_size: int = 1000
 
@@ -91,9 +97,19 @@ class ExtractionConfig:
             raise ValueError(f"scales must be positive numbers, got {self.scales}")
         if self.amp not in ("off", "bf16", "fp16"):
             raise ValueError(f"amp must be 'off', 'bf16' or 'fp16', got {self.amp!r}")
+        if self.streams < 0:
+            raise ValueError(f"streams must be 0 (automatic) or a positive count, got {self.streams}")
 
     def resolved_device(self) -> torch.device:
         return resolve_device(self.device)
+
+    def resolved_streams(self, device: torch.device) -> int:
+        """Concurrent forward passes: 1 off the CPU and with ``compile``, else ``streams`` or the default."""
+        if device.type != "cpu" or self.compile:
+            return 1
+        if self.streams:
+            return self.streams
+        return 2 if torch.get_num_threads() >= 2 else 1
 
     def fingerprint(self) -> dict[str, Any]:
         """The settings that change descriptors (not batch size, workers, device, shard size)."""
@@ -242,7 +258,6 @@ def _dist_info() -> tuple[int, int]:
     return 0, 1
 
 
-@torch.inference_mode()
 def _extract_range(
     model: nn.Module,
     dataset: ImageList,
@@ -264,7 +279,12 @@ def _extract_range(
         pin_memory=device.type == "cuda",
     )
     fmt = torch.channels_last if config.channels_last else torch.contiguous_format
-    for idxs, batch, errors in _batches(loader, config.batch_size):
+    streams = min(config.resolved_streams(device), len(indices))
+    # several streams need several batches: no batch larger than an even share of the range
+    batch_size = min(config.batch_size, max(1, math.ceil(len(indices) / streams)))
+
+    def run(item: tuple[list[int], torch.Tensor | None, list]) -> None:
+        idxs, batch, errors = item
         if batch is None:
             failures[idxs[0]] = (dataset.paths[idxs[0]], errors[0])
         else:
@@ -273,7 +293,58 @@ def _extract_range(
                 d = multiscale_descriptor(model, x, config.scales)
             out[[where[i] for i in idxs]] = d.cpu().numpy()
         bar.update(len(idxs))
+
+    run_streams(_batches(loader, batch_size), run, streams)
     return out, failures
+
+
+def run_streams(items: Iterator, fn: Callable[[Any], None], streams: int) -> None:
+    """``fn(item)`` for every item under inference mode, by ``streams`` threads that share torch's threads.
+
+    Each thread takes the next item when it is free; the first exception stops the others (after their
+    current item) and is raised here, as is a KeyboardInterrupt, once every thread has stopped. torch's
+    thread count is restored afterwards."""
+    if streams <= 1:
+        with torch.inference_mode():
+            for item in items:
+                fn(item)
+        return
+    total = torch.get_num_threads()
+    shares = [total // streams + (k < total % streams) for k in range(streams)]
+    lock, stop = threading.Lock(), threading.Event()
+    errors: list[BaseException] = []
+
+    def worker(k: int) -> None:
+        torch.set_num_threads(max(1, shares[k]))  # this thread's OpenMP team
+        try:
+            with torch.inference_mode():
+                while not stop.is_set():
+                    with lock:
+                        item = next(items, _END)
+                    if item is _END:
+                        return
+                    fn(item)
+        except BaseException as e:  # noqa: BLE001 - re-raised by the caller's thread
+            errors.append(e)
+            stop.set()
+
+    threads = [threading.Thread(target=worker, args=(k,), name=f"tokenret-{k}") for k in range(streams)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        stop.set()  # an interrupt in join: the others finish their current item and stop
+        for t in threads:
+            if t.is_alive():
+                t.join()
+        torch.set_num_threads(total)
+    if errors:
+        raise errors[0]
+
+
+_END = object()
 
 
 #: The last inference copy (folded and/or compiled), with a weak reference to the model it was made from:
