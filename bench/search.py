@@ -50,7 +50,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tokenret.index import ExactIndex, FaissIndex, ivf_pq_spec, load_index, recall_at_k
+from tokenret.index import ExactIndex, FaissIndex, ivf_pq_spec, load_index, nn_recall_at_k, recall_at_k
 from tokenret.index.faiss_index import import_faiss
 
 log = logging.getLogger("bench.search")
@@ -335,7 +335,8 @@ def run(args) -> dict:
             for refine in (None, *args.refine) if where == "in memory" else args.refine:
                 index.refine_factor = refine
                 lat = search_latencies(index, single, batch, k, args.repeats)
-                recall = recall_at_k(lat.pop("batch_ids"), truth, k)
+                found = lat.pop("batch_ids")
+                recall = recall_at_k(found, truth, k)
                 row = {
                     "index": spec if refine is None else f"{spec} + exact re-rank ({where} float16)",
                     "setting": f"nprobe {nprobe}" + ("" if refine is None else f", {refine:g}k candidates"),
@@ -348,6 +349,7 @@ def run(args) -> dict:
                     "refine_vectors": None if refine is None else where,
                     **lat,
                     "recall": recall,
+                    "nn_recall": nn_recall_at_k(found, truth, k),
                 }
                 _ann_goals(row)
                 result["results"].append(row)
@@ -373,7 +375,8 @@ def run(args) -> dict:
         for ef in args.ef:
             hnsw.set_search_params(efSearch=ef)
             lat = search_latencies(hnsw, single, batch, k, args.repeats)
-            recall = recall_at_k(lat.pop("batch_ids"), truth, k)
+            found = lat.pop("batch_ids")
+            recall = recall_at_k(found, truth, k)
             row = {
                 "index": spec,
                 "setting": f"efSearch {ef}",
@@ -381,6 +384,7 @@ def run(args) -> dict:
                 "bytes_per_image": index_bytes / n,
                 **lat,
                 "recall": recall,
+                "nn_recall": nn_recall_at_k(found, truth, k),
             }
             _ann_goals(row)
             result["results"].append(row)
@@ -397,12 +401,16 @@ def run(args) -> dict:
 
 
 def _ann_goals(row: dict) -> None:
-    row["goals_met"] = {
-        "recall_at_least_0.95": row["recall"] >= GOALS["ann_recall"],
+    """Goals with recall as top-k overlap (``goals_met``) and as the nearest neighbour found in the top k
+    (the product-quantization literature's recall@R, ``goals_met_nn_recall``)."""
+    others = {
         "single_under_1ms": row["single_ms"] < GOALS["ann_single_ms"],
         # re-ranking vectors held in RAM count; memory-mapped ones are read from disk (page cache) per query
         "under_100_bytes_per_image": row["bytes_per_image"] + _refine_ram(row) < GOALS["ann_bytes_per_image"],
     }
+    row["goals_met"] = {"recall_at_least_0.95": row["recall"] >= GOALS["ann_recall"], **others}
+    nn_ok = row["nn_recall"] >= GOALS["ann_recall"]
+    row["goals_met_nn_recall"] = {"nn_recall_at_least_0.95": nn_ok, **others}
 
 
 def _refine_ram(row: dict) -> float:
@@ -422,16 +430,19 @@ def format_table(result: dict) -> str:
     nq = result["config"]["queries"]
     head = (
         f"| index | setting | build s | bytes/image | 1 query ms | {nq} queries ms | recall@{k} "
-        "| goals met |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
+        f"| NN in top {k} | goals met |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     )
     lines = list(head)
     for r in result["results"]:
         met = r["goals_met"]
         goals = "all" if all(met.values()) else "missed: " + ", ".join(g for g, ok in met.items() if not ok)
+        if not all(met.values()) and all(r.get("goals_met_nn_recall", {"-": False}).values()):
+            goals = f"all with recall as NN in top {k}; {goals}"
+        nn = f"{r['nn_recall']:.3f}" if "nn_recall" in r else "-"
         lines.append(
             f"| {r['index']} | {r['setting']} | {r['build_s']:.0f} | {_bytes_cell(r)} | "
-            f"{r['single_ms']:.2f} | {r['batch_ms']:.0f} | {r['recall']:.4f} | {goals} |"
+            f"{r['single_ms']:.2f} | {r['batch_ms']:.0f} | {r['recall']:.4f} | {nn} | {goals} |"
         )
     for ex in (r for r in result["results"] if r["index"] == "exact (ours)"):
         lim = ex["limits"]

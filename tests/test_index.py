@@ -20,6 +20,7 @@ from tokenret.index import (
     ivf_pq_spec,
     load_index,
     make_index,
+    nn_recall_at_k,
     recall_at_k,
 )
 from tokenret.index.recall import recall_per_query
@@ -356,6 +357,7 @@ def test_ann_recall_on_clustered_data(faiss, recall_data, spec, options, min_rec
     report = check_recall(index, exact, q, k=100)
     assert report.recall >= min_recall, str(report)
     assert report.n_queries == 100
+    assert report.nn_recall >= 0.95, str(report)  # the exact nearest neighbour is found too
 
 
 def test_refinement_raises_pq_recall(faiss, recall_data):
@@ -414,6 +416,25 @@ def test_recall_at_k_against_hand_count():
     assert recall_at_k(exact, exact, 2) == 1.0
     with pytest.raises(ValueError, match="exceeds"):
         recall_at_k(approx, exact, 5)
+
+
+def test_nn_recall_counts_queries_whose_nearest_neighbour_is_found():
+    exact = np.array([[1, 2, 3, 4], [5, 6, -1, -1], [-1, -1, -1, -1], [7, 8, 9, 10]])
+    approx = np.array([[4, 9, 1, 8], [6, -1, -1, -1], [-1, -1, -1, -1], [8, 9, 10, 11]])
+    # the first query's nearest (1) is third, the second's (5) missing, the fourth's (7) missing
+    assert nn_recall_at_k(approx, exact, 4) == pytest.approx(1 / 3)
+    assert nn_recall_at_k(approx, exact, 2) == 0.0
+    assert nn_recall_at_k(exact, exact, 1) == 1.0
+    # against a naive loop on random lists
+    rng = np.random.default_rng(0)
+    a = np.stack([rng.permutation(50)[:10] for _ in range(40)])
+    e = np.stack([rng.permutation(50)[:10] for _ in range(40)])
+    for k in (1, 5, 10):
+        naive = np.mean([e[i, 0] in a[i, :k] for i in range(40)])
+        assert nn_recall_at_k(a, e, k) == pytest.approx(naive)
+    assert nn_recall_at_k(a, e, 1) == pytest.approx(recall_at_k(a, e, 1))
+    with pytest.raises(ValueError, match="exceeds"):
+        nn_recall_at_k(approx, exact, 5)
 
 
 def test_from_arrays_searches_rows_in_place_and_skips_dead_rows(tmp_path):

@@ -24,7 +24,7 @@ from tokenret.index.base import (
 from tokenret.index.exact import ExactIndex
 from tokenret.index.faiss_index import FaissIndex  # faiss itself is imported on first use
 from tokenret.index.qdrant_index import QdrantIndex  # qdrant-client too
-from tokenret.index.recall import RecallReport, check_recall, recall_at_k, recall_per_query
+from tokenret.index.recall import RecallReport, check_recall, nn_recall_at_k, recall_at_k, recall_per_query
 
 __all__ = [
     "EXACT_SEARCH_LIMIT",
@@ -39,6 +39,7 @@ __all__ = [
     "ivf_pq_spec",
     "load_index",
     "make_index",
+    "nn_recall_at_k",
     "recall_at_k",
     "recall_per_query",
 ]
