@@ -118,15 +118,17 @@ def test_unreadable_images_keep_their_place_and_are_named(tmp_path):
     bad = tmp_path / "im" / "broken.jpg"
     bad.write_bytes(b"not an image")
     paths.insert(1, str(bad))
-    cfg = lx.LocalExtractionConfig(max_size=16, num_workers=0)
-    with pytest.raises(ExtractionError, match="broken.jpg"):
-        lx.extract_local_sets(MeanColour(), paths, None, cfg, progress=False)
-    res = lx.extract_local_sets(
-        MeanColour(), paths, None, cfg, tmp_path / "o", on_error="record", progress=False
-    )
-    assert list(res.failures) == [1] and res.failures[1][0] == str(bad)
-    assert res.store.lengths.tolist() == [4, 0, 4, 4]
-    np.testing.assert_allclose(res.store.get(2), _expected(MeanColour(), paths[2]), atol=2e-3)
+    for streams in (1, 3):  # one image at a time, or three threads taking images as they come
+        cfg = lx.LocalExtractionConfig(max_size=16, num_workers=0, streams=streams)
+        with pytest.raises(ExtractionError, match="broken.jpg"):
+            lx.extract_local_sets(MeanColour(), paths, None, cfg, progress=False)
+        res = lx.extract_local_sets(
+            MeanColour(), paths, None, cfg, tmp_path / f"o{streams}", on_error="record", progress=False
+        )
+        assert list(res.failures) == [1] and res.failures[1][0] == str(bad)
+        assert res.store.lengths.tolist() == [4, 0, 4, 4]
+        for i in (0, 2, 3):
+            np.testing.assert_allclose(res.store.get(i), _expected(MeanColour(), paths[i]), atol=2e-3)
 
 
 def test_how_sets_equal_how_extraction_one_by_one(tmp_path):

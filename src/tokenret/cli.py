@@ -167,6 +167,7 @@ def local_config_from_args(args: argparse.Namespace):
         topk=args.topk,
         num_workers=args.workers,
         device=args.device,
+        streams=getattr(args, "streams", 0),
     )
 
 

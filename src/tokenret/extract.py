@@ -104,12 +104,8 @@ class ExtractionConfig:
         return resolve_device(self.device)
 
     def resolved_streams(self, device: torch.device) -> int:
-        """Concurrent forward passes: 1 off the CPU and with ``compile``, else ``streams`` or the default."""
-        if device.type != "cpu" or self.compile:
-            return 1
-        if self.streams:
-            return self.streams
-        return 2 if torch.get_num_threads() >= 2 else 1
+        """Concurrent forward passes: 1 with ``compile``, else :func:`resolve_streams`."""
+        return 1 if self.compile else resolve_streams(self.streams, device)
 
     def fingerprint(self) -> dict[str, Any]:
         """The settings that change descriptors (not batch size, workers, device, shard size)."""
@@ -125,6 +121,18 @@ def resolve_device(device: str | None) -> torch.device:
     if dist.is_available() and dist.is_initialized() and torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_streams(streams: int, device: torch.device) -> int:
+    """Concurrent forward passes on ``device``: 1 off the CPU; ``streams`` if set; else 2 when torch has 2 or
+    more threads (measured: 2 streams x 1 thread beat 1 x 2 threads on a 2-core CPU), else 1."""
+    if streams < 0:
+        raise ValueError(f"streams must be 0 (automatic) or a positive count, got {streams}")
+    if device.type != "cpu":
+        return 1
+    if streams:
+        return streams
+    return 2 if torch.get_num_threads() >= 2 else 1
 
 
 class ExtractionError(RuntimeError):

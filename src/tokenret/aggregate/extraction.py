@@ -43,6 +43,8 @@ from tokenret.extract import (
     extract_unsharded,
     model_fingerprint,
     resolve_device,
+    resolve_streams,
+    run_streams,
 )
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,8 @@ class LocalExtractionConfig:
         scales: image pyramid (None: the model's, e.g. HOW's 2 ... 0.25).
         topk: strongest features kept per image over all scales (None: the model's, 1000).
         num_workers: image decoding processes.
+        streams: CPU only: images run by this many threads at once, sharing torch's threads (0: 2 when
+            torch has 2 or more threads; 1: off), as in :class:`tokenret.extract.ExtractionConfig`.
         device: "cpu", "cuda", ... (default: cuda when available).
         shard_size: images per shard.
     """
@@ -65,6 +69,7 @@ class LocalExtractionConfig:
     scales: tuple[float, ...] | None = None
     topk: int | None = None
     num_workers: int = 2
+    streams: int = 0
     device: str | None = None
     shard_size: int = 500
 
@@ -75,6 +80,8 @@ class LocalExtractionConfig:
                 raise ValueError(f"scales must be positive numbers, got {self.scales}")
         if self.topk is not None and int(self.topk) < 1:
             raise ValueError(f"topk must be >= 1, got {self.topk}")
+        if self.streams < 0:
+            raise ValueError(f"streams must be 0 (automatic) or a positive count, got {self.streams}")
 
     def resolved(self, model: nn.Module) -> tuple[tuple[float, ...], int]:
         runtime = getattr(model, "runtime", {})
@@ -139,13 +146,17 @@ def _extract_range(
         num_workers=config.num_workers if len(indices) > 1 else 0,
         collate_fn=_collate_one,
     )
-    for i, tensor, error in loader:
+
+    def run(item: tuple[int, torch.Tensor | None, str | None]) -> None:
+        i, tensor, error = item
         if tensor is None:
             failures[i] = (dataset.paths[i], error)
         else:
             out = model.extract_local(tensor.to(device), scales, topk)
             sets[i] = (out["descriptors"].float().cpu().numpy(), out["attention"].float().cpu().numpy())
         bar.update(1)
+
+    run_streams(iter(loader), run, min(resolve_streams(config.streams, device), len(indices)))
     store = LocalDescriptorStore(dim, with_strengths=True)
     empty = (np.empty((0, dim), np.float32), np.empty(0, np.float32))
     for i in indices:
