@@ -323,7 +323,10 @@ def run_streams(items: Iterator, fn: Callable[[Any], None], streams: int) -> Non
     errors: list[BaseException] = []
 
     def worker(k: int) -> None:
-        torch.set_num_threads(max(1, shares[k]))  # this thread's OpenMP team
+        # torch sets a new thread's OpenMP team from the last process-wide setting on its first parallel op:
+        # trigger that first, then give this thread its share (a per-thread setting from then on)
+        torch.get_num_threads()
+        torch.set_num_threads(max(1, shares[k]))
         try:
             with torch.inference_mode():
                 while not stop.is_set():
