@@ -162,7 +162,7 @@ def test_positions_are_receptive_field_centres_in_input_pixels(scale, tol):
 def test_extract_local_keeps_the_top_attentions_of_the_pyramid():
     model = small_how()
     image = torch.randn(3, 96, 128)
-    out = extract_local(model, image, scales=HOW_SCALES, topk=60)
+    out = extract_local(model, image, scales=HOW_SCALES, topk=60, l2_normalize=True)
     assert set(out) == {"descriptors", "attention", "positions", "locations", "scales"}
     assert out["descriptors"].shape == (60, 16) and out["positions"].shape == (60, 2)
     torch.testing.assert_close(out["descriptors"].norm(dim=1), torch.ones(60))
@@ -190,7 +190,8 @@ def test_extract_local_keeps_the_top_attentions_of_the_pyramid():
         expected_x = (col.item() * 8 + 0.5) * 128 / hw[1]
         expected_y = (row.item() * 8 + 0.5) * 96 / hw[0]
         assert pos.tolist() == pytest.approx([expected_x, expected_y], rel=1e-5)
-    raw = extract_local(model, image, scales=HOW_SCALES, topk=60, l2_normalize=False)
+    raw = extract_local(model, image, scales=HOW_SCALES, topk=60)  # HOW's own: not normalised
+    assert not torch.allclose(raw["descriptors"].norm(dim=1), torch.ones(60), atol=1e-3)
     torch.testing.assert_close(F.normalize(raw["descriptors"], dim=1), out["descriptors"])
 
 

@@ -111,6 +111,13 @@ def test_interrupted_run_resumes_without_recomputing_finished_shards(tmp_path, m
         progress=False,
     )
     assert again.calls == 7
+    # a run-time setting of the model that selects features (DELF's score threshold) remakes them too
+    cfg2 = lx.LocalExtractionConfig(16, topk=2, num_workers=0, shard_size=3)
+    for threshold, calls in ((0.5, 7), (0.5, 0), (0.25, 7)):
+        model = MeanColour()
+        model.runtime["score_threshold"] = threshold
+        lx.extract_local_sets(model, paths, None, cfg2, tmp_path / "out", progress=False)
+        assert model.calls == calls, threshold
 
 
 def test_unreadable_images_keep_their_place_and_are_named(tmp_path):
@@ -143,7 +150,7 @@ def test_how_sets_equal_how_extraction_one_by_one(tmp_path):
         np.testing.assert_allclose(res.store.strengths(i), want["attention"].numpy(), rtol=1e-6)
 
 
-def test_extract_local_and_codebook_commands_write_what_training_reads(tmp_path, monkeypatch):
+def test_extract_local_and_codebook_commands_write_what_training_reads(tmp_path, monkeypatch, caplog):
     from tokenret.models import local as local_models
 
     for cls in ("a", "b"):
@@ -160,7 +167,8 @@ def test_extract_local_and_codebook_commands_write_what_training_reads(tmp_path,
         "--data-root",
         str(tmp_path / "train"),
     ]
-    assert main([*argv, "--out", str(out), "--max-size", "16", "--workers", "0", "--quiet"]) == 0
+    run = [*argv, "--out", str(out), "--max-size", "16", "--scales", "1", "0.5", "--workers", "0", "--quiet"]
+    assert main(run) == 0
     store = LocalDescriptorStore.load(out / "descriptors")
     labels = (out / "labels.txt").read_text().split()
     assert len(store) == len(labels) == 7 and labels.count("a") == 3 and labels.count("b") == 4
@@ -170,6 +178,7 @@ def test_extract_local_and_codebook_commands_write_what_training_reads(tmp_path,
     ]
 
     assert main(["codebook", str(out), "--size", "4", "--out", str(tmp_path / "cb.npy")]) == 0
+    assert "extracted at scales [1.0, 0.5]" in caplog.text  # HOW's codebook is learnt at scale 1 only
     cb = Codebook.load(tmp_path / "cb.npy")
     assert cb.size == 4 and cb.dim == 3
     # every centroid lies inside the data's range (k-means means of stored descriptors)

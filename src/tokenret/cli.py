@@ -365,6 +365,15 @@ def _cmd_codebook(args: argparse.Namespace) -> int:
 
     root = Path(args.sets)
     store = LocalDescriptorStore.load(root / "descriptors" if (root / "descriptors").is_dir() else root)
+    candidates = (root / "shards" / "manifest.json", root / "manifest.json", root.parent / "manifest.json")
+    manifest = next((m for m in candidates if m.is_file()), None)
+    scales = json.loads(manifest.read_text()).get("extraction", {}).get("scales") if manifest else None
+    if scales is not None and scales != [1.0]:
+        logging.getLogger("tokenret").warning(
+            "these sets were extracted at scales %s: HOW learns its codebook from single-scale sets "
+            "(extract-local --scales 1), so published ASMK numbers need those",
+            scales,
+        )
     rng = np.random.default_rng(args.seed)
     wanted = args.max_descriptors or CODEBOOK_SAMPLES_PER_WORD * args.size
     n = store.num_descriptors

@@ -49,6 +49,9 @@ from tokenret.extract import (
 
 log = logging.getLogger(__name__)
 
+#: Model run-time settings that change which features an image gives, so cached sets depend on them.
+SELECTION_RUNTIME_KEYS = ("score_threshold",)
+
 
 @dataclass
 class LocalExtractionConfig:
@@ -93,12 +96,19 @@ class LocalExtractionConfig:
         """The settings that change the sets (not workers, device or shard size)."""
         scales, topk = self.resolved(model)
         mean, std = normalisation(model)
-        return {
+        fingerprint = {
             "max_size": self.max_size,
             "scales": [round(s, 6) for s in scales],
             "topk": topk,
             "mean_std": [[round(v, 6) for v in mean], [round(v, 6) for v in std]],
         }
+        # run-time settings of the model that select features (DELF's attention threshold): the weights'
+        # hash does not see them
+        runtime = getattr(model, "runtime", {})
+        for key in SELECTION_RUNTIME_KEYS:
+            if runtime.get(key) is not None:
+                fingerprint[key] = round(float(runtime[key]), 6)
+        return fingerprint
 
     def resolved_device(self) -> torch.device:
         return resolve_device(self.device)

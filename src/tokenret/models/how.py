@@ -433,7 +433,7 @@ def extract_local(
     scales: Sequence[float] | None = None,
     topk: int | None = None,
     *,
-    l2_normalize: bool = True,
+    l2_normalize: bool = False,
     reduce: bool = True,
 ) -> dict[str, Tensor]:
     """HOW's test-time local features of one normalised image tensor.
@@ -443,9 +443,9 @@ def extract_local(
         image: (3, H, W) or (1, 3, H, W), normalised with the model's mean/std (see ``to_tensor``).
         scales: default the model's runtime scales (HOW: 2, 1.414, 1, 0.707, 0.5, 0.353, 0.25).
         topk: features kept, by attention over all scales (default the runtime ``features_num``, 1000).
-        l2_normalize: L2-normalise the descriptors. HOW itself feeds them to ASMK un-normalised
-            (codebook and residuals on the raw whitened 128-d vectors): pass False to reproduce HOW's
-            ASMK numbers, and train the codebook on the same kind of descriptors.
+        l2_normalize: L2-normalise the descriptors (default False: HOW itself feeds them to ASMK
+            un-normalised, codebook and residuals on the raw whitened 128-d vectors, and so does the
+            extraction engine).
         reduce: apply the reduction conv (False gives smoothed backbone features).
 
     Returns:
