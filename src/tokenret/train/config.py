@@ -64,6 +64,10 @@ class ModelConfig:
         init_checkpoint: start from these weights (a released file or a tokenret checkpoint) instead of
             ImageNet; the run itself starts at step 0.
         freeze: parameter-name prefixes that are not trained (e.g. DELG's local branch).
+        how_whitening_images: HOW networks (how_r*) started without ``init_checkpoint``: their 128-d
+            reduction layer starts as PCA-whitening of the top-1000 backbone features at scale 1 of the first
+            this-many training images, and stays frozen, as HOW trains it (5000 images, lr 0). 0 keeps a
+            random initialisation and trains the layer.
     """
 
     name: str = "token_r101"
@@ -71,6 +75,7 @@ class ModelConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)
     init_checkpoint: str | None = None
     freeze: list[str] = field(default_factory=list)
+    how_whitening_images: int = 5000
 
 
 @dataclass

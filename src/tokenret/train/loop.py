@@ -58,6 +58,7 @@ from tokenret.data.folders import (
     split_per_class,
 )
 from tokenret.data.gldv2 import read_gldv2
+from tokenret.data.images import load_image, to_tensor
 from tokenret.data.local_sets import (
     LabelledSets,
     LocalSetDataset,
@@ -66,6 +67,8 @@ from tokenret.data.local_sets import (
     split_sets_by_list,
 )
 from tokenret.models import checkpoints as ck
+from tokenret.models.how import HOWNet
+from tokenret.models.how import extract_local as how_extract_local
 from tokenret.models.local import create_local_model, is_local_model
 from tokenret.models.margin import MARGIN_HEADS
 from tokenret.models.registry import create_model, get_model_config
@@ -466,7 +469,46 @@ class Trainer:
                 raise ConfigError(f"model.freeze: no parameter of {m.name} starts with {prefix!r}")
             for p in hit:
                 p.requires_grad_(False)
+        # HOW: the reduction layer is PCA-whitening learned when training starts (step 0), frozen from here
+        # on so that neither the optimizer nor DDP ever treats it as trained
+        self._how_whitening_pending = (
+            isinstance(net, HOWNet)
+            and not m.init_checkpoint
+            and m.how_whitening_images > 0
+            and net.dim_reduction is not None
+        )
+        if self._how_whitening_pending:
+            net.dim_reduction.requires_grad_(False)
         return net.train()
+
+    def _learn_how_whitening(self) -> None:
+        """HOW's initialisation of its reduction layer, from the first training images (every process
+        computes it; rank 0's copy is broadcast so all agree to the bit)."""
+        net = self.net
+        paths = self.data.train.paths[: self.cfg.model.how_whitening_images]
+        mean, std = net.runtime["mean_std"]
+        size = int(net.runtime.get("image_size", 1024))
+        images = (to_tensor(load_image(p, size), mean, std) for p in paths)
+        if self.is_main and self.cfg.train.progress:
+            images = tqdm(images, total=len(paths), desc="HOW whitening", unit="img")
+        # HOW's recipe: the network without its reduction layer, top-1000 features, scale 1
+        chunks = [how_extract_local(net, img, [1.0], 1000, reduce=False)["descriptors"] for img in images]
+        n = sum(len(c) for c in chunks)
+        dim = net.dim_reduction.out_channels
+        if n <= dim:
+            raise ConfigError(
+                f"HOW's reduction layer starts as a {dim}-d PCA-whitening learned from the first "
+                f"{len(paths)} training images (model.how_whitening_images), but they gave only {n} "
+                f"features: use more or larger images, or set model.how_whitening_images=0 to train the "
+                "layer from a random initialisation"
+            )
+        net.init_dim_reduction_pca(torch.cat(chunks))
+        if self.ctx.distributed:
+            for t in (net.dim_reduction.weight, net.dim_reduction.bias):
+                torch.distributed.broadcast(t.data, src=0)
+        self._how_whitening_pending = False
+        self.model.train()
+        log.info("HOW reduction layer: PCA-whitening of %d features from %d images, frozen", n, len(paths))
 
     def _init_classifier(self, classifier: nn.Module, path: str) -> None:
         """Also take the margin head from ``path`` when it fits (same classes), e.g. a release GLDv2 file."""
@@ -709,6 +751,8 @@ class Trainer:
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.yaml").write_text(config_to_yaml(self.cfg))
+        if self.step == 0 and self._how_whitening_pending:
+            self._learn_how_whitening()
         with contextlib.suppress(ValueError):  # only possible in the main thread
             previous = signal.signal(signal.SIGTERM, lambda *_: self.request_stop())
         try:
