@@ -347,3 +347,28 @@ def test_posting_entries_are_int32_and_files_with_int64_entries_still_load(tmp_p
     old = AsmkIndex.load(tmp_path / "old")
     for q in sets[:4]:
         np.testing.assert_array_equal(old.score_all(q), index.score_all(q))
+
+
+def test_a_learned_codebook_is_learned_from_each_evaluated_database(monkeypatch):
+    from tokenret.aggregate import aggregators
+
+    rng = np.random.default_rng(0)
+    db1 = [rng.standard_normal((50, 8)).astype(np.float32) for _ in range(4)]
+    db2 = [rng.standard_normal((50, 8)).astype(np.float32) + 5.0 for _ in range(4)]
+    calls = []
+    real = aggregators.learn_codebook
+    monkeypatch.setattr(aggregators, "learn_codebook", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    agg = aggregators.AsmkAggregator(codebook_size=4)
+    assert agg.needs_preparation
+    agg.scores(db1, db1[:2])  # prepares itself
+    agg.prepare(db1)  # the same database: not learned again
+    assert len(calls) == 1 and calls[0] is db1
+    agg.prepare(db2)  # the next dataset: its own words, not the first one's
+    assert len(calls) == 2 and calls[1] is db2
+    np.testing.assert_allclose(agg.codebook.centroids, real(db2, 4).centroids)
+    assert agg.codebook.centroids.mean() > 4  # learnt where db2 lies
+    # a given codebook is never replaced
+    given = real(db1, 4)
+    fixed = aggregators.VladAggregator(given)
+    fixed.prepare(db2)
+    assert fixed.codebook is given and not fixed.needs_preparation and len(calls) == 2

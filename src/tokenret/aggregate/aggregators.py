@@ -55,13 +55,17 @@ class _CodebookAggregator:
                 "give a codebook (a file from `tokenret codebook`) or a codebook_size to learn one"
             )
         self.codebook, self.codebook_size, self.seed = codebook, codebook_size, seed
+        self._given = codebook is not None
+        self._learned_from: Sequence[np.ndarray] | None = None
 
     @property
     def needs_preparation(self) -> bool:
-        return self.codebook is None
+        return not self._given
 
     def prepare(self, database_sets: Sequence[np.ndarray]) -> None:
-        if self.codebook is not None:
+        """Without a given codebook, learn one from this database (each evaluated database its own: one
+        dataset's words are not carried over to the next); a given codebook is used as it is."""
+        if self._given or self._learned_from is database_sets:
             return
         log.warning(
             "learning a %d-word codebook from the evaluated database itself: numbers are not comparable "
@@ -69,6 +73,7 @@ class _CodebookAggregator:
             self.codebook_size,
         )
         self.codebook = learn_codebook(database_sets, int(self.codebook_size), self.seed)
+        self._learned_from = database_sets
 
 
 class AsmkAggregator(_CodebookAggregator):
