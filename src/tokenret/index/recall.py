@@ -17,6 +17,22 @@ import numpy as np
 from tokenret.index.base import VectorIndex, check_k
 
 
+def _id_arrays(
+    approx_ids: np.ndarray, exact_ids: np.ndarray, k: int, exact_width: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Both id lists as int64 (nq, width) arrays, checked: the same nq, at least k approximate and
+    ``exact_width`` exact columns."""
+    approx_ids = np.asarray(approx_ids, dtype=np.int64)
+    exact_ids = np.asarray(exact_ids, dtype=np.int64)
+    if approx_ids.ndim != 2 or exact_ids.ndim != 2 or len(approx_ids) != len(exact_ids):
+        raise ValueError(
+            f"need two (nq, k) id arrays with the same nq, got {approx_ids.shape} and {exact_ids.shape}"
+        )
+    if approx_ids.shape[1] < k or exact_ids.shape[1] < exact_width:
+        raise ValueError(f"k={k} exceeds the result width ({approx_ids.shape[1]}, {exact_ids.shape[1]})")
+    return approx_ids, exact_ids
+
+
 def recall_per_query(approx_ids: np.ndarray, exact_ids: np.ndarray, k: int) -> np.ndarray:
     """Fraction of each query's exact top-``k`` ids found in its approximate top-``k``.
 
@@ -29,14 +45,7 @@ def recall_per_query(approx_ids: np.ndarray, exact_ids: np.ndarray, k: int) -> n
         (nq,) float64 recalls; NaN for queries whose exact list is empty.
     """
     k = check_k(k)
-    approx_ids = np.asarray(approx_ids, dtype=np.int64)
-    exact_ids = np.asarray(exact_ids, dtype=np.int64)
-    if approx_ids.ndim != 2 or exact_ids.ndim != 2 or len(approx_ids) != len(exact_ids):
-        raise ValueError(
-            f"need two (nq, k) id arrays with the same nq, got {approx_ids.shape} and {exact_ids.shape}"
-        )
-    if approx_ids.shape[1] < k or exact_ids.shape[1] < k:
-        raise ValueError(f"k={k} exceeds the result width ({approx_ids.shape[1]}, {exact_ids.shape[1]})")
+    approx_ids, exact_ids = _id_arrays(approx_ids, exact_ids, k, k)
     a = approx_ids[:, :k]
     e = exact_ids[:, :k]
     # padding must never match: give it distinct negative values on each side
@@ -75,14 +84,7 @@ def nn_recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray, k: int) -> flo
         0.5
     """
     k = check_k(k)
-    approx_ids = np.asarray(approx_ids, dtype=np.int64)
-    exact_ids = np.asarray(exact_ids, dtype=np.int64)
-    if approx_ids.ndim != 2 or exact_ids.ndim != 2 or len(approx_ids) != len(exact_ids):
-        raise ValueError(
-            f"need two (nq, k) id arrays with the same nq, got {approx_ids.shape} and {exact_ids.shape}"
-        )
-    if approx_ids.shape[1] < k or exact_ids.shape[1] < 1:
-        raise ValueError(f"k={k} exceeds the approximate result width {approx_ids.shape[1]}")
+    approx_ids, exact_ids = _id_arrays(approx_ids, exact_ids, k, 1)
     nearest = exact_ids[:, :1]
     valid = nearest[:, 0] >= 0
     if not valid.any():
