@@ -239,3 +239,49 @@ def test_a_selection_that_keeps_nothing_is_reported(tmp_path, caplog):
     assert "2 of 2 readable images gave no local feature" in caplog.text
     with pytest.raises(ValueError, match="every set is empty"):
         learn_codebook([res.store.get(0), res.store.get(1)], 4)
+
+
+def test_store_keeps_float32_exactly_and_float16_by_default(tmp_path):
+    import json
+
+    from tokenret.aggregate.local_store import LocalDescriptorStore
+
+    rng = np.random.default_rng(0)
+    sets = [rng.standard_normal((n, 5)).astype(np.float32) * 37.1 for n in (3, 0, 4)]
+    stores = {}
+    for dtype in ("float16", "float32"):
+        store = LocalDescriptorStore(5, dtype=dtype)
+        for x in sets:
+            store.add(x)
+        loaded = LocalDescriptorStore.load(store.save(tmp_path / dtype))
+        assert loaded.dtype == np.dtype(dtype) and loaded.lengths.tolist() == [3, 0, 4]
+        stores[dtype] = loaded
+    for i, x in enumerate(sets):
+        np.testing.assert_array_equal(stores["float32"].get(i), x)  # bit for bit
+        np.testing.assert_array_equal(stores["float16"].get(i), x.astype(np.float16).astype(np.float32))
+    assert not np.array_equal(stores["float16"].get(0), sets[0])
+    # stores written before the option (no dtype in the header) are float16
+    header = tmp_path / "float16" / "store.json"
+    old = json.loads(header.read_text())
+    del old["dtype"]
+    header.write_text(json.dumps(old))
+    assert LocalDescriptorStore.load(tmp_path / "float16").dtype == np.float16
+    with pytest.raises(ValueError, match="dtype"):
+        LocalDescriptorStore.concatenate([stores["float16"], stores["float32"]])
+    with pytest.raises(ValueError, match="dtype"):
+        LocalDescriptorStore(5, dtype="int8")
+
+
+def test_float32_sets_are_the_extractors_own_values_and_cached_apart(tmp_path):
+    paths = _images(tmp_path / "im", 3)
+    cfg16 = lx.LocalExtractionConfig(max_size=16, num_workers=0)
+    cfg32 = lx.LocalExtractionConfig(max_size=16, num_workers=0, dtype="float32")
+    model = MeanColour()
+    half = lx.extract_local_sets(model, paths, None, cfg16, tmp_path / "out", progress=False).store
+    exact = lx.extract_local_sets(model, paths, None, cfg32, tmp_path / "out", progress=False).store
+    assert model.calls == 6  # float32 sets are not the cached float16 ones
+    assert half.dtype == np.float16 and exact.dtype == np.float32
+    for i, p in enumerate(paths):
+        np.testing.assert_array_equal(exact.get(i), _expected(MeanColour(), p))
+    with pytest.raises(ValueError, match="dtype"):
+        lx.LocalExtractionConfig(dtype="float64")

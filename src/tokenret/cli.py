@@ -145,6 +145,12 @@ def add_local_arguments(p: argparse.ArgumentParser, *, required: bool = False) -
     w.add_argument("--local-checkpoint", help="its weights (HOW's .pth formats, or a tokenret file)")
     w.add_argument("--local-pretrained", action="store_true", help="download its released weights once")
     g.add_argument("--topk", type=int, default=None, help="features kept per image (default: the model's)")
+    g.add_argument(
+        "--sets-dtype",
+        choices=["float16", "float32"],
+        default="float16",
+        help="cached sets' precision (float32: published ASMK numbers to the last decimal, twice the space)",
+    )
 
 
 def local_model_from_args(args: argparse.Namespace):
@@ -168,6 +174,7 @@ def local_config_from_args(args: argparse.Namespace):
         num_workers=args.workers,
         device=args.device,
         streams=getattr(args, "streams", 0),
+        dtype=getattr(args, "sets_dtype", "float16"),
     )
 
 

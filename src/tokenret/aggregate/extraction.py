@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from tokenret.aggregate.local_store import LocalDescriptorStore
+from tokenret.aggregate.local_store import STORE_DTYPES, LocalDescriptorStore
 from tokenret.data.images import IMAGENET_MEAN, IMAGENET_STD
 from tokenret.extract import (
     Box,
@@ -66,6 +66,9 @@ class LocalExtractionConfig:
             torch has 2 or more threads; 1: off), as in :class:`tokenret.extract.ExtractionConfig`.
         device: "cpu", "cuda", ... (default: cuda when available).
         shard_size: images per shard.
+        dtype: how the sets are kept: "float16" (half the space) or "float32" (the extractor's own
+            values: published ASMK numbers to the last decimal; a float16 rounding can flip the sign bit
+            of a near-zero residual sum).
     """
 
     max_size: int | None = 1024
@@ -75,6 +78,7 @@ class LocalExtractionConfig:
     streams: int = 0
     device: str | None = None
     shard_size: int = 500
+    dtype: str = "float16"
 
     def __post_init__(self) -> None:
         if self.scales is not None:
@@ -85,6 +89,8 @@ class LocalExtractionConfig:
             raise ValueError(f"topk must be >= 1, got {self.topk}")
         if self.streams < 0:
             raise ValueError(f"streams must be 0 (automatic) or a positive count, got {self.streams}")
+        if self.dtype not in STORE_DTYPES:
+            raise ValueError(f"dtype must be one of {STORE_DTYPES}, got {self.dtype!r}")
 
     def resolved(self, model: nn.Module) -> tuple[tuple[float, ...], int]:
         runtime = getattr(model, "runtime", {})
@@ -108,6 +114,8 @@ class LocalExtractionConfig:
         for key in SELECTION_RUNTIME_KEYS:
             if runtime.get(key) is not None:
                 fingerprint[key] = round(float(runtime[key]), 6)
+        if self.dtype != "float16":  # (float16 sets, the default, were cached before the option existed)
+            fingerprint["dtype"] = self.dtype
         return fingerprint
 
     def resolved_device(self) -> torch.device:
@@ -167,7 +175,7 @@ def _extract_range(
         bar.update(1)
 
     run_streams(iter(loader), run, min(resolve_streams(config.streams, device), len(indices)))
-    store = LocalDescriptorStore(dim, with_strengths=True)
+    store = LocalDescriptorStore(dim, with_strengths=True, dtype=config.dtype)
     empty = (np.empty((0, dim), np.float32), np.empty(0, np.float32))
     for i in indices:
         desc, att = sets.get(i, empty)
@@ -267,7 +275,8 @@ class LocalShardStore(ShardStore):
         stores = [LocalDescriptorStore.load(self._dir(s)) for s in range(self.n_shards)]
         if not stores:
             manifest = json.loads((self.root / "manifest.json").read_text())
-            empty = LocalDescriptorStore(int(manifest["dim"]), with_strengths=True)
+            dtype = manifest.get("extraction", {}).get("dtype", "float16")
+            empty = LocalDescriptorStore(int(manifest["dim"]), with_strengths=True, dtype=dtype)
             return LocalExtractionResult(empty, self.read_failures())
         return LocalExtractionResult(LocalDescriptorStore.concatenate(stores), self.read_failures())
 

@@ -1,7 +1,7 @@
 """Variable-size sets of local descriptors on disk, and their padding into batches for the Token head.
 
-A store holds the descriptors of many images as one flat (sum N_i, C) float16 array plus int64 offsets
-(image i owns rows ``offsets[i]:offsets[i+1]``), optionally with per-feature attention strengths
+A store holds the descriptors of many images as one flat (sum N_i, C) float16 (or float32) array plus int64
+offsets (image i owns rows ``offsets[i]:offsets[i+1]``), optionally with per-feature attention strengths
 (float32) — the same idea as the global-descriptor shards, one directory per shard:
 ``descriptors.npy``, ``offsets.npy``, [``strengths.npy``] and ``store.json``. Loading memory-maps the
 descriptors, so a large shard opens instantly.
@@ -29,24 +29,31 @@ import torch
 
 STORE_FORMAT = "tokenret-local-descriptors"
 STORE_VERSION = 1
+#: Descriptor precisions a store keeps.
+STORE_DTYPES = ("float16", "float32")
 
 
 class LocalDescriptorStore:
-    """Append-only collection of per-image descriptor sets (float16 on disk and in memory).
+    """Append-only collection of per-image descriptor sets (float16 on disk and in memory by default).
 
     Args:
         dim: descriptor dimension C.
         with_strengths: also keep one float32 strength (attention) per descriptor.
+        dtype: "float16" (half the space; relative rounding 5e-4) or "float32" (the extractors' own values,
+            for bit-faithful reproductions of published aggregation numbers).
     """
 
-    def __init__(self, dim: int, *, with_strengths: bool = False) -> None:
+    def __init__(self, dim: int, *, with_strengths: bool = False, dtype: str = "float16") -> None:
         if int(dim) <= 0:
             raise ValueError(f"descriptor dimension must be positive, got {dim}")
+        if str(np.dtype(dtype)) not in STORE_DTYPES:
+            raise ValueError(f"dtype must be one of {STORE_DTYPES}, got {dtype!r}")
         self.dim = int(dim)
         self.with_strengths = bool(with_strengths)
+        self.dtype = np.dtype(dtype)
         self._chunks: list[np.ndarray] = []
         self._strength_chunks: list[np.ndarray] = []
-        self._descriptors = np.empty((0, self.dim), np.float16)
+        self._descriptors = np.empty((0, self.dim), self.dtype)
         self._strengths = np.empty(0, np.float32)
         self._offsets = [0]
 
@@ -74,7 +81,7 @@ class LocalDescriptorStore:
             self._strength_chunks.append(np.asarray(strengths, np.float32))
         elif strengths is not None:
             raise ValueError("this store was created without strengths (with_strengths=False)")
-        self._chunks.append(x.astype(np.float16))
+        self._chunks.append(x.astype(self.dtype))
         self._offsets.append(self._offsets[-1] + len(x))
         return len(self) - 1
 
@@ -120,10 +127,11 @@ class LocalDescriptorStore:
         if not stores:
             raise ValueError("no stores to concatenate")
         dims = {s.dim for s in stores}
-        kinds = {s.with_strengths for s in stores}
+        kinds = {(s.with_strengths, str(s.dtype)) for s in stores}
         if len(dims) != 1 or len(kinds) != 1:
-            raise ValueError(f"stores differ in dimension {sorted(dims)} or in keeping strengths")
-        out = cls(dims.pop(), with_strengths=kinds.pop())
+            raise ValueError(f"stores differ in dimension {sorted(dims)}, in keeping strengths or in dtype")
+        with_strengths, dtype = kinds.pop()
+        out = cls(dims.pop(), with_strengths=with_strengths, dtype=dtype)
         offsets = [0]
         for s in stores:
             s._merge()
@@ -155,6 +163,7 @@ class LocalDescriptorStore:
             "images": len(self),
             "descriptors": self.num_descriptors,
             "with_strengths": self.with_strengths,
+            "dtype": str(self.dtype),
         }
         tmp = path / "store.json.tmp"
         tmp.write_text(json.dumps(header, indent=1) + "\n")
@@ -170,12 +179,13 @@ class LocalDescriptorStore:
         header = json.loads(header_path.read_text())
         if header.get("format") != STORE_FORMAT or int(header.get("version", 0)) > STORE_VERSION:
             raise ValueError(f"{header_path}: not a {STORE_FORMAT} header of version <= {STORE_VERSION}")
-        store = cls(int(header["dim"]), with_strengths=bool(header["with_strengths"]))
+        dtype = header.get("dtype", "float16")  # stores written before the option were float16
+        store = cls(int(header["dim"]), with_strengths=bool(header["with_strengths"]), dtype=dtype)
         n_desc = int(header["descriptors"])
         mode = "r" if mmap and n_desc else None
         descriptors = np.load(path / "descriptors.npy", mmap_mode=mode, allow_pickle=False)
         offsets = np.load(path / "offsets.npy", allow_pickle=False)
-        if descriptors.shape != (n_desc, store.dim) or descriptors.dtype != np.float16:
+        if descriptors.shape != (n_desc, store.dim) or descriptors.dtype != store.dtype:
             raise ValueError(f"{path}: descriptors.npy is {descriptors.dtype} {descriptors.shape}")
         if offsets.shape != (int(header["images"]) + 1,) or offsets[0] != 0 or offsets[-1] != n_desc:
             raise ValueError(f"{path}: offsets.npy does not match the header")
