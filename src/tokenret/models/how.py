@@ -311,6 +311,11 @@ class HOWNet(nn.Module):
         dim = self.dim_reduction.out_channels
         if dim > len(mean):
             raise ValueError(f"cannot learn {dim} whitened dimensions from {len(mean)}-d descriptors")
+        if len(descriptors) <= dim:  # the covariance would have fewer than dim non-zero eigenvalues
+            raise ValueError(
+                f"the images gave only {len(descriptors)} features, too few for a {dim}-d whitening "
+                f"(more than {dim} needed)"
+            )
         weight = torch.from_numpy(projection[:dim]).float()
         bias = -torch.from_numpy(projection[:dim] @ mean).float()
         self.dim_reduction.weight.copy_(weight[:, :, None, None])

@@ -67,8 +67,7 @@ from tokenret.data.local_sets import (
     split_sets_by_list,
 )
 from tokenret.models import checkpoints as ck
-from tokenret.models.how import HOWNet
-from tokenret.models.how import extract_local as how_extract_local
+from tokenret.models.how import HOWNet, learn_dim_reduction
 from tokenret.models.local import create_local_model, is_local_model
 from tokenret.models.margin import MARGIN_HEADS
 from tokenret.models.registry import create_model, get_model_config
@@ -491,18 +490,14 @@ class Trainer:
         images = (to_tensor(load_image(p, size), mean, std) for p in paths)
         if self.is_main and self.cfg.train.progress:
             images = tqdm(images, total=len(paths), desc="HOW whitening", unit="img")
-        # HOW's recipe: the network without its reduction layer, top-1000 features, scale 1
-        chunks = [how_extract_local(net, img, [1.0], 1000, reduce=False)["descriptors"] for img in images]
-        n = sum(len(c) for c in chunks)
-        dim = net.dim_reduction.out_channels
-        if n <= dim:
+        try:  # HOW's recipe: the network without its reduction layer, top-1000 features, scale 1
+            n = learn_dim_reduction(net, images, features_num=1000, scales=[1.0])
+        except ValueError as e:
             raise ConfigError(
-                f"HOW's reduction layer starts as a {dim}-d PCA-whitening learned from the first "
-                f"{len(paths)} training images (model.how_whitening_images), but they gave only {n} "
-                f"features: use more or larger images, or set model.how_whitening_images=0 to train the "
-                "layer from a random initialisation"
-            )
-        net.init_dim_reduction_pca(torch.cat(chunks))
+                f"HOW's reduction layer starts as PCA-whitening learned from the first {len(paths)} training "
+                f"images (model.how_whitening_images), but {e}: use more or larger images, or set "
+                "model.how_whitening_images=0 to train the layer from a random initialisation"
+            ) from e
         if self.ctx.distributed:
             for t in (net.dim_reduction.weight, net.dim_reduction.bias):
                 torch.distributed.broadcast(t.data, src=0)
