@@ -97,8 +97,7 @@ class ExtractionConfig:
             raise ValueError(f"scales must be positive numbers, got {self.scales}")
         if self.amp not in ("off", "bf16", "fp16"):
             raise ValueError(f"amp must be 'off', 'bf16' or 'fp16', got {self.amp!r}")
-        if self.streams < 0:
-            raise ValueError(f"streams must be 0 (automatic) or a positive count, got {self.streams}")
+        check_streams(self.streams)
 
     def resolved_device(self) -> torch.device:
         return resolve_device(self.device)
@@ -123,11 +122,16 @@ def resolve_device(device: str | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def check_streams(streams: int) -> None:
+    """The ``streams`` setting is 0 (automatic) or a positive count."""
+    if streams < 0:
+        raise ValueError(f"streams must be 0 (automatic) or a positive count, got {streams}")
+
+
 def resolve_streams(streams: int, device: torch.device) -> int:
     """Concurrent forward passes on ``device``: 1 off the CPU; ``streams`` if set; else 2 when torch has 2 or
     more threads (measured: 2 streams x 1 thread beat 1 x 2 threads on a 2-core CPU), else 1."""
-    if streams < 0:
-        raise ValueError(f"streams must be 0 (automatic) or a positive count, got {streams}")
+    check_streams(streams)
     if device.type != "cpu":
         return 1
     if streams:

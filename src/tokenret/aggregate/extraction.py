@@ -40,6 +40,7 @@ from tokenret.extract import (
     ShardStore,
     _collate_one,
     _list_fingerprint,
+    check_streams,
     extract_unsharded,
     model_fingerprint,
     resolve_device,
@@ -87,8 +88,7 @@ class LocalExtractionConfig:
                 raise ValueError(f"scales must be positive numbers, got {self.scales}")
         if self.topk is not None and int(self.topk) < 1:
             raise ValueError(f"topk must be >= 1, got {self.topk}")
-        if self.streams < 0:
-            raise ValueError(f"streams must be 0 (automatic) or a positive count, got {self.streams}")
+        check_streams(self.streams)
         if self.dtype not in STORE_DTYPES:
             raise ValueError(f"dtype must be one of {STORE_DTYPES}, got {self.dtype!r}")
 
