@@ -3,8 +3,9 @@
 Two definitions are in use. :func:`recall_at_k` is the overlap of the top-k lists (|approx top-k ∩ exact
 top-k| / k): what re-ranking and mAP depend on, and tokenret's default everywhere. :func:`nn_recall_at_k`
 is the product-quantization literature's recall@R (Jégou et al., TPAMI 2011; FAISS's "R@k"): the fraction
-of queries whose exact nearest neighbour is among the approximate top-k. The second is never lower and
-is usually far higher for compact codes.
+of queries whose exact nearest neighbour is among the approximate top-k. Neither bounds the other (a
+list can hold 99 of the true top 100 but miss the first), but for compact codes the second is usually
+far higher.
 """
 
 from __future__ import annotations
