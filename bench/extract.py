@@ -4,9 +4,9 @@ The release-style loop (written here, like the release's test code): batch size 
 each scale resized with F.interpolate and run separately, default (NCHW) memory format, torch.no_grad.
 tokenret: ``extract_descriptors`` (channels_last, BatchNorm folded into the convolutions, ReLU and residual
 add fused into them on CPU, inference_mode, DataLoader workers, equal-size batching, on CPU two streams of
-batches sharing the threads, optional bf16 autocast). Both run the same model and images in one
-process; the images are synthetic 1024x768 / 768x1024 JPEGs written to a temporary folder (content does not
-change the speed).
+batches sharing the threads, NNPACK's fast 3x3 convolutions in 1-thread streams, optional bf16 autocast).
+Both run the same model and images in one process; the images are synthetic 1024x768 / 768x1024 JPEGs
+written to a temporary folder (content does not change the speed).
 
     python bench/extract.py [--n 6] [--threads 2] [--repeats 3] [--compile] [--skip-bf16] [--json F]
 """
@@ -71,7 +71,12 @@ def main() -> None:
             paths.append(p)
 
         def config(
-            amp: str = "off", fold: bool = True, compile: bool = False, fuse: bool = True, streams: int = 0
+            amp: str = "off",
+            fold: bool = True,
+            compile: bool = False,
+            fuse: bool = True,
+            streams: int = 0,
+            winograd: bool = True,
         ) -> ExtractionConfig:
             return ExtractionConfig(
                 batch_size=args.batch_size,
@@ -82,15 +87,17 @@ def main() -> None:
                 fuse_activations=fuse,
                 compile=compile,
                 streams=streams,
+                winograd=winograd,
             )
 
-        def ours(amp: str, fold: bool = True, compile: bool = False, fuse: bool = True, streams: int = 0):
-            cfg = config(amp, fold, compile, fuse, streams)
+        def ours(amp: str, **kwargs):
+            cfg = config(amp, **kwargs)
             return lambda: extract_descriptors(model, paths, config=cfg, progress=False).descriptors
 
         runs = {
             "release-style loop (bs 1, NCHW, no_grad)": lambda: release_style(model, paths, dev),
             "tokenret fp32": ours("off"),
+            "tokenret fp32, no winograd": ours("off", winograd=False),
             "tokenret fp32, 1 stream": ours("off", streams=1),
             "tokenret fp32, ReLU/add not fused": ours("off", fuse=False),
             "tokenret fp32, BatchNorm not folded": ours("off", fold=False),

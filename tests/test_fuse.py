@@ -237,3 +237,130 @@ def test_extraction_with_and_without_fused_activations_agree(tmp_path):
         cfg = ExtractionConfig(max_size=48, scales=(1.0, 0.75), num_workers=0, fuse_activations=fuse_)
         runs[fuse_] = extract_descriptors(model, paths, config=cfg, progress=False).descriptors
     np.testing.assert_allclose(runs[True], runs[False], atol=2e-5)
+
+
+# --- NNPACK's fast 3x3 convolutions in 1-thread streams ----------------------------------------------------
+
+
+def _winograd_ok() -> bool:
+    from tokenret.models.fuse import winograd_available
+
+    return pointwise_fusion_available() and winograd_available()
+
+
+needs_winograd = pytest.mark.skipif(
+    not _winograd_ok(), reason="this torch build has no NNPACK (torch.backends.nnpack) or no oneDNN fusion"
+)
+
+
+class _threads:
+    """torch's thread count set for a block, then restored."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __enter__(self):
+        self.before = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.before)
+
+
+@needs_winograd
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_winograd_convolution_matches_a_float64_reference_in_both_memory_formats(fmt):
+    from tokenret.models.fuse import winograd_conv_relu
+
+    g = torch.Generator().manual_seed(1)
+    conv = nn.Conv2d(16, 24, 3, padding=1).eval()
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * 0.2)
+    conv = conv.to(memory_format=fmt)  # a network moved to channels_last has channels_last weights
+    x = torch.randn(3, 16, 13, 9, generator=g).contiguous(memory_format=fmt)
+    with torch.inference_mode(), _threads(1):
+        got = winograd_conv_relu(x, conv)
+        want = torch.nn.functional.conv2d(
+            x.double(), conv.weight.double(), conv.bias.double(), padding=1
+        ).relu()
+    assert got.is_contiguous(memory_format=fmt) and got.shape == want.shape
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+    assert (got == 0).any() and (got > 0).any()  # the ReLU is applied, and not to everything
+
+
+@needs_winograd
+def test_winograd_blocks_take_nnpack_only_in_one_thread_callers(monkeypatch):
+    from tokenret.models import fuse
+
+    model = tokenret.create_model("token_r50", backbone="resnet50", dim=32, num_heads=4, out_dim=16)
+    _randomise_bn(model)
+    model.eval()
+    reference = fold_batchnorm(model).double()
+    fast = fold_batchnorm(model)
+    fuse.fuse_activations(fast, winograd=True)
+    blocks = [m for m in fast.modules() if isinstance(m, fuse.FusedResidualBlock)]
+    # resnet50: 16 bottlenecks; the first block of stages 3-5 has a stride-2 3x3, kept on oneDNN
+    assert len(blocks) == 16 and sum(any(b.winograd) for b in blocks) == 13
+    calls = []
+    real = fuse._nnpack
+    monkeypatch.setattr(fuse, "_nnpack", lambda x, conv: calls.append(x.shape) or real(x, conv))
+    x = torch.randn(2, 3, 72, 56)
+    with torch.inference_mode():
+        want = reference(x.double())
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            calls.clear()
+            net = fast.to(memory_format=fmt)
+            with _threads(1):
+                got = net(x.contiguous(memory_format=fmt))
+            assert len(calls) == 13 * 2  # image by image
+            torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+        calls.clear()
+        with _threads(2):
+            got = fast(x)
+        assert calls == []  # more threads per caller: oneDNN's kernel
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+
+
+@needs_winograd
+def test_extraction_with_and_without_winograd_agree_and_the_option_reaches_the_network(tmp_path, monkeypatch):
+    from tokenret import extract as ex
+    from tokenret.models import fuse
+
+    paths = _random_images(tmp_path, 3, [(56, 40 + 8 * i) for i in range(3)])
+    model = tokenret.create_model("token_r50", backbone="resnet50", dim=32, num_heads=4, out_dim=16)
+    _randomise_bn(model)
+    calls = []
+    real = fuse._nnpack
+    monkeypatch.setattr(fuse, "_nnpack", lambda x, conv: calls.append(1) or real(x, conv))
+    runs = {}
+    for winograd in (True, False):
+        calls.clear()
+        cfg = ExtractionConfig(max_size=56, scales=(1.0, 0.75), num_workers=0, streams=2, winograd=winograd)
+        with _threads(2):  # two streams of one thread each: the default on a 2-core CPU
+            runs[winograd] = extract_descriptors(model, paths, config=cfg, progress=False).descriptors
+        assert (len(calls) > 0) == winograd
+        blocks = [
+            m for m in ex.inference_network(model, cfg).modules() if isinstance(m, fuse.FusedResidualBlock)
+        ]
+        assert any(any(b.winograd) for b in blocks) == winograd
+    np.testing.assert_allclose(runs[True], runs[False], atol=2e-5)
+    assert np.abs(runs[True] - runs[False]).max() > 0  # another algorithm really ran
+
+
+def test_winograd_is_turned_off_when_nnpack_fails(monkeypatch):
+    from tokenret.models import fuse
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("NNPACK SpatialConvolution_updateOutput failed")
+
+    fuse.winograd_available.cache_clear()
+    monkeypatch.setattr(fuse, "_nnpack", broken)
+    try:
+        assert fuse.winograd_available() is False
+        net = fold_batchnorm(
+            tokenret.create_model("token_r50", backbone="resnet18", dim=32, num_heads=4).eval()
+        )
+        fuse.fuse_activations(net, winograd=True)
+        assert not any(any(m.winograd) for m in net.modules() if isinstance(m, fuse.FusedResidualBlock))
+    finally:
+        fuse.winograd_available.cache_clear()

@@ -104,6 +104,13 @@ def add_extraction_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="torch.compile the trunk, weights frozen (a minute once, then ~1.15x faster on CPU; needs g++)",
     )
+    p.add_argument(
+        "--no-winograd",
+        dest="winograd",
+        action="store_false",
+        help="CPU: keep oneDNN's direct 3x3 convolutions instead of NNPACK's fast ones (which differ by "
+        "float32 rounding, relative ~1e-5 on the trunk's features)",
+    )
 
 
 def model_from_args(args: argparse.Namespace):
@@ -130,6 +137,7 @@ def extraction_config_from_args(args: argparse.Namespace):
         device=args.device,
         compile=getattr(args, "compile", False),
         streams=getattr(args, "streams", 0),
+        winograd=getattr(args, "winograd", True),
     )
 
 
@@ -418,6 +426,7 @@ def _runtime_from_args(args: argparse.Namespace) -> dict[str, object]:
         "num_workers": args.workers,
         "device": args.device,
         "streams": getattr(args, "streams", 0),
+        "winograd": getattr(args, "winograd", True),
     }
 
 

@@ -15,10 +15,20 @@ convolution before it (``torch.ops.mkldnn._convolution_pointwise``, the kernels 
 fusion), so these feature maps are not read and written once more. Same results (oneDNN applies the
 post-ops to the same accumulators); about 1.05-1.09x on token_r101's trunk at 1024 px on 2 threads.
 
+With ``winograd=True``, the 3x3 stride-1 convolutions of the fused blocks (ResNet's ``conv2``) go through
+NNPACK's fast-convolution kernels (``torch._nnpack_spatial_convolution``: Winograd-type transforms, fewer
+multiplies than a direct convolution) whenever the calling thread runs torch with one thread, as each CPU
+extraction stream does on a 2-core machine. Per convolution 1.3-2.6x faster than oneDNN's on the development
+CPU (AVX2, one thread); the trunk's outputs differ from oneDNN's by float32 rounding of the transforms
+(relative ~1e-5). NNPACK takes NCHW images one at a time (its batched path was slower and less exact), so a
+channels_last feature map is transposed there and back (a 2-D blocked copy). With more threads per caller
+the oneDNN kernel runs (NNPACK's own thread pool fought OpenMP's threads: slower there).
+
 Example:
     >>> model = tokenret.create_model("token_r101").eval()                               # doctest: +SKIP
     >>> fast = fold_batchnorm(model)     # a copy: the original keeps its BatchNorms  # doctest: +SKIP
     >>> fuse_activations(fast)           # in place, CPU inference only               # doctest: +SKIP
+    >>> fuse_activations(fold_batchnorm(model), winograd=winograd_available())         # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -130,6 +140,74 @@ def pointwise_fusion_available() -> bool:
     return ok
 
 
+def _winograd_eligible(conv: nn.Module) -> bool:
+    return (
+        _is_plain_conv(conv)
+        and conv.kernel_size == (3, 3)
+        and conv.stride == (1, 1)
+        and conv.dilation == (1, 1)
+        and conv.padding == (1, 1)
+        and conv.groups == 1
+    )
+
+
+def _nnpack(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """conv(x) by NNPACK for one NCHW-contiguous image (1, C, H, W). NNPACK reads the weight as NCHW: a
+    network moved to channels_last has channels_last weights, copied here (a few MB, under 2% of the call)."""
+    return torch._nnpack_spatial_convolution(x, conv.weight.contiguous(), conv.bias, list(conv.padding))
+
+
+def winograd_conv_relu(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """``relu(conv(x))`` through NNPACK, image by image; the result keeps ``x``'s memory format."""
+    n, _, h, w = x.shape
+    c = conv.out_channels
+    nhwc = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    out = torch.empty((n, c, h, w), dtype=x.dtype, memory_format=torch.channels_last if nhwc else None)
+    for i in range(n):
+        xi = x[i : i + 1]
+        if nhwc:  # (H*W, C) rows -> (C, H*W): a 2-D transpose, about 2x faster than .contiguous() here
+            flat = torch.empty((1, x.shape[1], h, w), dtype=x.dtype)
+            flat.view(x.shape[1], h * w).copy_(x[i].permute(1, 2, 0).reshape(h * w, -1).t())
+            xi = flat
+        y = _nnpack(xi.contiguous(), conv).relu_()
+        if nhwc:
+            out[i].permute(1, 2, 0).reshape(h * w, c).copy_(y.view(c, h * w).t())
+        else:
+            out[i : i + 1].copy_(y)
+    return out
+
+
+@functools.cache
+def winograd_available() -> bool:
+    """Whether NNPACK's fast convolutions can be used here, checked once: NNPACK initialises (this also
+    creates its thread pool for one thread: the callers are 1-thread streams) and a small convolution agrees
+    with a float64 reference. Any error or mismatch turns them off."""
+    try:
+        if not torch.backends.nnpack.is_available():  # also initialises NNPACK: its kernels fail before
+            return False
+        g = torch.Generator().manual_seed(0)
+        conv = nn.Conv2d(8, 6, 3, padding=1).eval()
+        with torch.no_grad():
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=g))
+        x = torch.randn(2, 8, 11, 7, generator=g)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with torch.inference_mode():
+                got = winograd_conv_relu(x, conv).double()
+                got_nhwc = winograd_conv_relu(x.contiguous(memory_format=torch.channels_last), conv).double()
+                ref = conv.double()(x.double()).relu()
+        finally:
+            torch.set_num_threads(threads)
+        ok = torch.allclose(got, ref, rtol=1e-4, atol=1e-4) and torch.equal(got, got_nhwc)
+    except Exception as e:  # a build without NNPACK, an unsupported CPU
+        log.debug("NNPACK convolutions unavailable: %s", e)
+        return False
+    if not ok:
+        log.warning("NNPACK convolutions disagree with the reference on this machine: not used")
+    return ok
+
+
 class ConvReLU(nn.Module):
     """``relu(conv(x))`` as one oneDNN convolution (CPU, inference)."""
 
@@ -143,18 +221,22 @@ class ConvReLU(nn.Module):
 
 class FusedResidualBlock(nn.Module):
     """A folded torchvision BasicBlock/Bottleneck: every convolution carries its ReLU, the last one also
-    the residual add (``relu(conv_last(h) + identity)``) as a oneDNN post-op (CPU, inference)."""
+    the residual add (``relu(conv_last(h) + identity)``) as a oneDNN post-op (CPU, inference). With
+    ``winograd``, the inner 3x3 stride-1 convolutions run through NNPACK when the calling thread has one
+    torch thread (see the module's docstring)."""
 
-    def __init__(self, block: nn.Module) -> None:
+    def __init__(self, block: nn.Module, winograd: bool = False) -> None:
         super().__init__()
         convs = [block.conv1, block.conv2] + ([block.conv3] if hasattr(block, "conv3") else [])
         self.convs = nn.ModuleList(convs)
         self.downsample = block.downsample[0] if block.downsample is not None else None
+        self.winograd = [winograd and _winograd_eligible(c) for c in convs[:-1]]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x
-        for conv in self.convs[:-1]:
-            h = _pointwise(h, conv, "relu")
+        one_thread = any(self.winograd) and torch.get_num_threads() == 1
+        for conv, fast in zip(self.convs[:-1], self.winograd, strict=True):
+            h = winograd_conv_relu(h, conv) if fast and one_thread else _pointwise(h, conv, "relu")
         identity = x if self.downsample is None else _pointwise(x, self.downsample, "none")
         return _pointwise_add_relu(h, identity, self.convs[-1])
 
@@ -180,14 +262,14 @@ def _fusable_block(block: nn.Module) -> bool:
     )
 
 
-def _fuse_in_place(module: nn.Module) -> int:
+def _fuse_in_place(module: nn.Module, winograd: bool) -> int:
     count = 0
     for name, child in list(module.named_children()):
         if _fusable_block(child):
-            setattr(module, name, FusedResidualBlock(child))
+            setattr(module, name, FusedResidualBlock(child, winograd))
             count += 1
         else:
-            count += _fuse_in_place(child)
+            count += _fuse_in_place(child, winograd)
     if type(module) is nn.Sequential:  # conv -> [folded BatchNorm] -> ReLU, as in a ResNet stem
         names = list(module._modules)
         for i, name in enumerate(names):
@@ -205,15 +287,24 @@ def _fuse_in_place(module: nn.Module) -> int:
     return count
 
 
-def fuse_activations(network: nn.Module) -> int:
+def fuse_activations(network: nn.Module, winograd: bool = False) -> int:
     """Fuse ReLUs and residual adds into the convolutions of a folded inference copy, in place (CPU only,
     float32, no autograd). Returns how many blocks/convolutions were fused: 0 where this torch build lacks
-    the fused oneDNN kernels, and the network is then left as it was."""
+    the fused oneDNN kernels, and the network is then left as it was. ``winograd``: the blocks' inner 3x3
+    stride-1 convolutions use NNPACK in 1-thread callers (only where :func:`winograd_available`)."""
     if not pointwise_fusion_available():
         return 0
-    count = _fuse_in_place(network)
+    count = _fuse_in_place(network, winograd and winograd_available())
     network.fused_activations = count
     return count
 
 
-__all__ = ["ConvReLU", "FusedResidualBlock", "fold_batchnorm", "fold_conv_bn", "fuse_activations"]
+__all__ = [
+    "ConvReLU",
+    "FusedResidualBlock",
+    "fold_batchnorm",
+    "fold_conv_bn",
+    "fuse_activations",
+    "winograd_available",
+    "winograd_conv_relu",
+]
