@@ -364,3 +364,16 @@ def test_winograd_is_turned_off_when_nnpack_fails(monkeypatch):
         assert not any(any(m.winograd) for m in net.modules() if isinstance(m, fuse.FusedResidualBlock))
     finally:
         fuse.winograd_available.cache_clear()
+
+
+def test_no_winograd_flag_reaches_the_extraction_settings_of_evaluate_and_index():
+    from tokenret.cli import _runtime_from_args, build_parser, extraction_config_from_args
+
+    parser = build_parser()
+    for argv in (["evaluate", "--data-root", "D"], ["index", "PHOTOS", "--out", "I"]):
+        default = parser.parse_args(argv)
+        off = parser.parse_args([*argv, "--no-winograd"])
+        assert extraction_config_from_args(default).winograd is True
+        assert extraction_config_from_args(off).winograd is False
+        assert _runtime_from_args(default)["winograd"] is True
+        assert _runtime_from_args(off)["winograd"] is False

@@ -18,9 +18,10 @@ post-ops to the same accumulators); about 1.05-1.09x on token_r101's trunk at 10
 With ``winograd=True``, the 3x3 stride-1 convolutions of the fused blocks (ResNet's ``conv2``) go through
 NNPACK's fast-convolution kernels (``torch._nnpack_spatial_convolution``: Winograd-type transforms, fewer
 multiplies than a direct convolution) whenever the calling thread runs torch with one thread, as each CPU
-extraction stream does on a 2-core machine. Per convolution 1.15-2.6x faster than oneDNN's on the development
-CPU (AVX2, one thread), 1.2x on token_r101's trunk and 1.10-1.13x end to end (bench/README.md, "extract"); the trunk's outputs differ from oneDNN's by float32 rounding of the transforms
-(relative ~1e-5). NNPACK takes NCHW images one at a time (its batched path was slower and less exact), so a
+extraction stream does on a 2-core machine. Per convolution 1.15-2.6x faster than oneDNN's on the
+development CPU (AVX2, one thread), 1.2x on token_r101's trunk and 1.10-1.13x end to end (bench/README.md,
+"extract"); the trunk's outputs differ from oneDNN's by float32 rounding of the transforms (relative
+~1e-5). NNPACK takes NCHW images one at a time (its batched path was slower and less exact), so a
 channels_last feature map is transposed there and back (a 2-D blocked copy). With more threads per caller
 the oneDNN kernel runs (NNPACK's own thread pool fought OpenMP's threads: slower there).
 
