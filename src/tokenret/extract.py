@@ -76,9 +76,9 @@ class ExtractionConfig:
             more threads, else 1; 1 turns it off. Always 1 on GPU and with ``compile``.
         winograd: with ``fuse_activations``, a stream running on one torch thread (the default on a 2-core
             CPU) computes the ResNet blocks' 3x3 stride-1 convolutions with NNPACK's fast kernels (fewer
-            multiplies; 1.3-2.6x faster per convolution, ~1.1-1.2x on token_r101's trunk on the development
-            CPU). The trunk's features then differ from oneDNN's by float32 rounding (relative ~1e-5;
-            descriptors within cosine 0.99999). Off where NNPACK is missing or fails its check.
+            multiplies; 1.15-2.6x faster per convolution, 1.10-1.13x end to end for token_r101 on the
+            development CPU). The trunk's features then differ from oneDNN's by float32 rounding (relative
+            ~1e-5; descriptors within cosine 0.99999). Off where NNPACK is missing or fails its check.
         device: "cpu", "cuda", "cuda:1", ... (default: cuda when available).
         shard_size: images per shard file when writing to disk.
     """

@@ -184,7 +184,7 @@ def winograd_available() -> bool:
     creates its thread pool for one thread: the callers are 1-thread streams) and a small convolution agrees
     with a float64 reference. Any error or mismatch turns them off."""
     try:
-        if not torch.backends.nnpack.is_available():  # also initialises NNPACK: its kernels fail before
+        if not torch.backends.nnpack.is_available():  # this also initialises NNPACK (its kernels fail until)
             return False
         g = torch.Generator().manual_seed(0)
         conv = nn.Conv2d(8, 6, 3, padding=1).eval()
