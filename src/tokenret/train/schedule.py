@@ -1,8 +1,10 @@
 """Per-step learning-rate schedule: linear warm-up, then cosine or linear decay to a final value.
 
 The release builds its schedule as an array (``np.linspace`` warm-up, inclusive of both ends, followed by
-a half cosine) and reads it after incrementing the step counter, so its last step indexes past the end
-and crashes. Here the learning rate of optimizer step ``t`` (0-based, t < total_steps) is a closed form:
+a half cosine) and reads it after incrementing the step counter, so its step ``t`` runs at entry ``t + 1``
+(one step ahead: the first step skips the warm-up's start value) and its last step indexes past the end and
+crashes. Here step ``t`` runs at entry ``t`` of the same curve (the values agree with the release's array to
+float rounding), given as a closed form of ``t`` (0-based, t < total_steps):
 
 * warm-up, ``t < W``: ``start + (peak - start) * t / (W - 1)`` (``start`` when W == 1) — the release's
   inclusive ``np.linspace(start, peak, W)``, so step W - 1 already runs at the peak;
