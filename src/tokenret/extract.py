@@ -78,7 +78,9 @@ class ExtractionConfig:
             CPU) computes the ResNet blocks' 3x3 stride-1 convolutions with NNPACK's fast kernels (fewer
             multiplies; 1.15-2.6x faster per convolution, 1.10-1.13x end to end for token_r101 on the
             development CPU). The trunk's features then differ from oneDNN's by float32 rounding (relative
-            ~1e-5; descriptors within cosine 0.99999). Off where NNPACK is missing or fails its check.
+            ~1e-5; descriptors within cosine 0.99999). Off where NNPACK is missing or fails its check. With
+            more threads than streams it is not used; ``streams`` equal to torch's thread count gets it on
+            larger CPUs (not measured there; one batch in memory per stream).
         device: "cpu", "cuda", "cuda:1", ... (default: cuda when available).
         shard_size: images per shard file when writing to disk.
     """
