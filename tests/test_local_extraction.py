@@ -285,3 +285,76 @@ def test_float32_sets_are_the_extractors_own_values_and_cached_apart(tmp_path):
         np.testing.assert_array_equal(exact.get(i), _expected(MeanColour(), p))
     with pytest.raises(ValueError, match="dtype"):
         lx.LocalExtractionConfig(dtype="float64")
+
+
+# --- the fast trunk copy (folded, fused, channels_last, NNPACK 3x3s in one-thread streams) ----------------
+
+
+def _randomise_bn(model: nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+
+
+def _by_place(out: dict) -> dict:
+    """Features keyed by (scale, location): the fast copy may order near-equal strengths differently."""
+    keys = torch.cat(
+        [out["scales"].float().reshape(-1, 1), out["locations"].float().reshape(len(out["scales"]), -1)], 1
+    )
+    return {
+        tuple(k): (d, a) for k, d, a in zip(keys.tolist(), out["descriptors"], out["attention"], strict=True)
+    }
+
+
+@pytest.mark.parametrize("name", ["how_r18", "delf_r50"])
+def test_fast_trunk_selects_the_same_features_with_the_same_values(name):
+    from tokenret.models.local import create_local_model
+
+    model = create_local_model(name).eval()
+    _randomise_bn(model)
+    if "score_threshold" in model.runtime:  # DELF: random weights score below the released threshold
+        model.runtime["score_threshold"] = -1.0
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    fast = lx.local_inference_model(model, lx.LocalExtractionConfig(), torch.device("cpu"))
+    assert fast is not model and isinstance(fast.features, lx.ChannelsLastTrunk)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.features.modules())  # folded
+    image = torch.rand(3, 160, 224, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        want = _by_place(model.extract_local(image, (1.0, 0.7071), 40))
+        got = _by_place(fast.extract_local(image, (1.0, 0.7071), 40))
+    assert got.keys() == want.keys() and len(want) == 40
+    scale = max(d.abs().max().item() for d, _ in want.values())
+    for key, (d, a) in want.items():
+        torch.testing.assert_close(got[key][0], d, rtol=1e-4, atol=1e-5 * scale)
+        torch.testing.assert_close(got[key][1], a, rtol=1e-4, atol=1e-6)
+    # the caller's model is untouched: same modules, same keys in the same order, same values
+    assert list(model.state_dict()) == list(state)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.features.modules())
+
+
+def test_fast_trunk_is_used_only_where_asked_and_possible():
+    from tokenret.models.local import create_local_model
+
+    model = create_local_model("how_r18").eval()
+    cpu = torch.device("cpu")
+    assert lx.LocalExtractionConfig().uses_fast_trunk()
+    assert lx.local_inference_model(model, lx.LocalExtractionConfig(dtype="float32"), cpu) is model
+    assert lx.local_inference_model(model, lx.LocalExtractionConfig(fast_trunk=False), cpu) is model
+    assert lx.local_inference_model(model, lx.LocalExtractionConfig(), torch.device("meta")) is model
+    assert lx.local_inference_model(MeanColour(), lx.LocalExtractionConfig(), cpu).__class__ is MeanColour
+    fast32 = lx.local_inference_model(model, lx.LocalExtractionConfig(dtype="float32", fast_trunk=True), cpu)
+    assert fast32 is not model
+    # the command line: --exact-trunk turns it off, --sets-dtype float32 implies it
+    from tokenret.cli import build_parser, local_config_from_args
+
+    argv = ["extract-local", "--local", "how_r18", "--images", "IMAGES", "--out", "OUT"]
+    parser = build_parser()
+    assert local_config_from_args(parser.parse_args(argv)).uses_fast_trunk()
+    assert not local_config_from_args(parser.parse_args([*argv, "--exact-trunk"])).uses_fast_trunk()
+    assert not local_config_from_args(parser.parse_args([*argv, "--sets-dtype", "float32"])).uses_fast_trunk()

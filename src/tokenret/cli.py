@@ -159,6 +159,12 @@ def add_local_arguments(p: argparse.ArgumentParser, *, required: bool = False) -
         default="float16",
         help="cached sets' precision (float32: published ASMK numbers to the last decimal, twice the space)",
     )
+    g.add_argument(
+        "--exact-trunk",
+        action="store_true",
+        help="CPU: run the extractor's trunk as is, not as a folded/fused copy (1.5x slower for HOW; the "
+        "copy's features agree to float rounding; implied by --sets-dtype float32)",
+    )
 
 
 def local_model_from_args(args: argparse.Namespace):
@@ -183,6 +189,7 @@ def local_config_from_args(args: argparse.Namespace):
         device=args.device,
         streams=getattr(args, "streams", 0),
         dtype=getattr(args, "sets_dtype", "float16"),
+        fast_trunk=False if getattr(args, "exact_trunk", False) else None,
     )
 
 
