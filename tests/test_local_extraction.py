@@ -358,3 +358,18 @@ def test_fast_trunk_is_used_only_where_asked_and_possible():
     assert local_config_from_args(parser.parse_args(argv)).uses_fast_trunk()
     assert not local_config_from_args(parser.parse_args([*argv, "--exact-trunk"])).uses_fast_trunk()
     assert not local_config_from_args(parser.parse_args([*argv, "--sets-dtype", "float32"])).uses_fast_trunk()
+
+
+def test_fast_trunk_copy_is_reused_until_the_model_changes():
+    from tokenret.models.local import create_local_model
+
+    model = create_local_model("delf_r50").eval()
+    cfg, cpu = lx.LocalExtractionConfig(), torch.device("cpu")
+    first = lx.local_inference_model(model, cfg, cpu)
+    assert lx.local_inference_model(model, cfg, cpu) is first  # one query at a time: no copy each
+    model.runtime["score_threshold"] = -1.0  # a run-time setting the copy carries
+    second = lx.local_inference_model(model, cfg, cpu)
+    assert second is not first and second.runtime["score_threshold"] == -1.0
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)  # new weights: a new copy
+    assert lx.local_inference_model(model, cfg, cpu) is not second

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,7 @@ from tokenret.extract import (
     ShardStore,
     _collate_one,
     _list_fingerprint,
+    _weights_state,
     check_streams,
     extract_unsharded,
     model_fingerprint,
@@ -135,6 +137,9 @@ class LocalExtractionConfig:
         return self.dtype != "float32" if self.fast_trunk is None else bool(self.fast_trunk)
 
 
+_FAST_CACHE: dict[str, Any] = {}
+
+
 class ChannelsLastTrunk(nn.Module):
     """A trunk run in channels_last; takes and returns default-format tensors (the rest of the model is
     written for them)."""
@@ -154,11 +159,19 @@ def local_inference_model(model: nn.Module, config: LocalExtractionConfig, devic
     trunk = getattr(model, "features", None)
     if device.type != "cpu" or not config.uses_fast_trunk() or type(trunk) is not nn.Sequential:
         return model
+    # the last copy is reused while the model and its weights (and run-time settings) are unchanged: one
+    # query at a time (search, serve) does not pay a copy each
+    key = (_weights_state(model), repr(getattr(model, "runtime", None)))
+    made_from = _FAST_CACHE.get("model")
+    if made_from is not None and made_from() is model and _FAST_CACHE["key"] == key:
+        return _FAST_CACHE["network"]
     fast_trunk = fold_batchnorm(trunk)
     fuse_activations(fast_trunk, winograd=True)
     fast = copy.deepcopy(model, memo={id(trunk): trunk})  # the trunk is not copied twice: it is replaced
     fast.features = ChannelsLastTrunk(fast_trunk)
-    return fast.eval()
+    _FAST_CACHE.clear()
+    _FAST_CACHE.update(model=weakref.ref(model), key=key, network=fast.eval())
+    return fast
 
 
 @dataclass
