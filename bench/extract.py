@@ -30,6 +30,19 @@ from tokenret.data.images import load_image, to_tensor
 from tokenret.extract import RELEASE_SCALES, ExtractionConfig, extract_descriptors
 
 
+def synthetic_jpegs(folder: Path, n: int, seed: int = 0) -> list[Path]:
+    """``n`` random-pixel JPEGs in ``folder``: 1024x768, every third one 768x1024 (content does not change
+    the speed)."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        h, w = (768, 1024) if i % 3 else (1024, 768)
+        p = folder / f"{i}.jpg"
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(p, quality=85)
+        paths.append(p)
+    return paths
+
+
 def release_style(model, paths, device) -> np.ndarray:
     out = []
     model = model.to(device).to(memory_format=torch.contiguous_format)
@@ -61,14 +74,8 @@ def main() -> None:
     model = tokenret.create_model("token_r101").eval()
     dev = torch.device(args.device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
-        paths = []
-        for i in range(args.n):
-            h, w = (768, 1024) if i % 3 else (1024, 768)
-            p = Path(tmp) / f"{i}.jpg"
-            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(p, quality=85)
-            paths.append(p)
+        paths = synthetic_jpegs(Path(tmp), args.n)
 
         def config(
             amp: str = "off",

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from extract import synthetic_jpegs  # bench/extract.py, beside this script
 
 from tokenret.aggregate.extraction import LocalExtractionConfig, extract_local_sets
 from tokenret.models.local import create_local_model
@@ -37,14 +37,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = create_local_model(args.model).eval()
-    rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
-        paths = []
-        for i in range(args.n):
-            h, w = (768, 1024) if i % 3 else (1024, 768)
-            p = Path(tmp) / f"{i}.jpg"
-            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(p, quality=85)
-            paths.append(p)
+        paths = synthetic_jpegs(Path(tmp), args.n)
         runs = {"as is (fast_trunk=False)": False, "fast trunk (default)": True}
         cfg = {
             k: LocalExtractionConfig(num_workers=args.workers, fast_trunk=v, device="cpu")

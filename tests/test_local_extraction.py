@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from release_reference import randomize_state
 from tokenret.aggregate import extraction as lx
 from tokenret.aggregate.codebook import Codebook
 from tokenret.aggregate.local_store import LocalDescriptorStore
@@ -290,17 +291,6 @@ def test_float32_sets_are_the_extractors_own_values_and_cached_apart(tmp_path):
 # --- the fast trunk copy (folded, fused, channels_last, NNPACK 3x3s in one-thread streams) ----------------
 
 
-def _randomise_bn(model: nn.Module, seed: int = 0) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-
-
 def _by_place(out: dict) -> dict:
     """Features keyed by (scale, location): the fast copy may order near-equal strengths differently."""
     keys = torch.cat(
@@ -316,7 +306,7 @@ def test_fast_trunk_selects_the_same_features_with_the_same_values(name):
     from tokenret.models.local import create_local_model
 
     model = create_local_model(name).eval()
-    _randomise_bn(model)
+    model.load_state_dict(randomize_state(model))  # BatchNorm statistics that folding must carry
     if "score_threshold" in model.runtime:  # DELF: random weights score below the released threshold
         model.runtime["score_threshold"] = -1.0
     state = {k: v.clone() for k, v in model.state_dict().items()}
