@@ -370,10 +370,31 @@ def run_streams(items: Iterator, fn: Callable[[Any], None], streams: int) -> Non
 _END = object()
 
 
-#: The last inference copy (folded and/or compiled), with a weak reference to the model it was made from:
-#: consecutive extractions with the same model and weights (database then queries, every query of a
-#: server) reuse it instead of copying (~0.4 s for ResNet-101) or compiling (a minute) again.
-_CACHE: dict[str, Any] = {}
+class LastCopy:
+    """The last inference copy made from a model, kept with a weak reference to that model and a key (its
+    weights' state and the settings the copy depends on): consecutive extractions with the same model and
+    weights (database then queries, every query of a server) reuse it instead of copying (~0.4 s for
+    ResNet-101) or compiling (a minute) again."""
+
+    def __init__(self) -> None:
+        self._made_from: Any = None
+        self._key: Any = None
+        self._network: nn.Module | None = None
+
+    def get(self, model: nn.Module, key: Any) -> nn.Module | None:
+        made_from = self._made_from() if self._made_from is not None else None
+        return self._network if made_from is model and self._key == key else None
+
+    def put(self, model: nn.Module, key: Any, network: nn.Module) -> nn.Module:
+        """Keep ``network`` (a copy of ``model``; ``model`` itself is not kept: nothing to reuse)."""
+        self._made_from, self._key, self._network = None, None, None
+        if network is not model:
+            self._made_from, self._key, self._network = weakref.ref(model), key, network
+        return network
+
+
+#: The global-descriptor network (folded, fused and/or compiled) of :func:`inference_network`.
+_CACHE = LastCopy()
 
 
 def _weights_state(model: nn.Module) -> tuple:
@@ -408,9 +429,9 @@ def inference_network(model: nn.Module, config: ExtractionConfig) -> nn.Module:
     )
     winograd = fuse and config.winograd
     key = (_weights_state(model), config.fold_batchnorm, config.channels_last, config.compile, fuse, winograd)
-    made_from = _CACHE.get("model")
-    if made_from is not None and made_from() is model and _CACHE["key"] == key:
-        return _CACHE["network"]
+    cached = _CACHE.get(model, key)
+    if cached is not None:
+        return cached
     network = fold_batchnorm(model) if config.fold_batchnorm else model
     if fuse:
         fuse_activations(network, winograd=winograd)
@@ -429,10 +450,7 @@ def inference_network(model: nn.Module, config: ExtractionConfig) -> nn.Module:
             network.backbone = torch.compile(trunk, dynamic=True, options=options)
         else:
             network = torch.compile(network, dynamic=True, options=options)
-    _CACHE.clear()
-    if network is not model:
-        _CACHE.update(model=weakref.ref(model), key=key, network=network)
-    return network
+    return _CACHE.put(model, key, network)
 
 
 def extract_descriptors(

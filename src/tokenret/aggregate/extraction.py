@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import shutil
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +38,7 @@ from tokenret.extract import (
     Box,
     ExtractionError,
     ImageList,
+    LastCopy,
     ShardStore,
     _collate_one,
     _list_fingerprint,
@@ -137,7 +137,8 @@ class LocalExtractionConfig:
         return self.dtype != "float32" if self.fast_trunk is None else bool(self.fast_trunk)
 
 
-_FAST_CACHE: dict[str, Any] = {}
+#: The fast copy of :func:`local_inference_model`.
+_FAST_CACHE = LastCopy()
 
 
 class ChannelsLastTrunk(nn.Module):
@@ -162,16 +163,14 @@ def local_inference_model(model: nn.Module, config: LocalExtractionConfig, devic
     # the last copy is reused while the model and its weights (and run-time settings) are unchanged: one
     # query at a time (search, serve) does not pay a copy each
     key = (_weights_state(model), repr(getattr(model, "runtime", None)))
-    made_from = _FAST_CACHE.get("model")
-    if made_from is not None and made_from() is model and _FAST_CACHE["key"] == key:
-        return _FAST_CACHE["network"]
+    cached = _FAST_CACHE.get(model, key)
+    if cached is not None:
+        return cached
     fast_trunk = fold_batchnorm(trunk)
     fuse_activations(fast_trunk, winograd=True)
     fast = copy.deepcopy(model, memo={id(trunk): trunk})  # the trunk is not copied twice: it is replaced
     fast.features = ChannelsLastTrunk(fast_trunk)
-    _FAST_CACHE.clear()
-    _FAST_CACHE.update(model=weakref.ref(model), key=key, network=fast.eval())
-    return fast
+    return _FAST_CACHE.put(model, key, fast.eval())
 
 
 @dataclass
