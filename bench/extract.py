@@ -27,7 +27,7 @@ from PIL import Image
 
 import tokenret
 from tokenret.data.images import load_image, to_tensor
-from tokenret.extract import RELEASE_SCALES, ExtractionConfig, extract_descriptors
+from tokenret.extraction import RELEASE_SCALES, ExtractionConfig, extract_descriptors
 
 
 def synthetic_jpegs(folder: Path, n: int, seed: int = 0) -> list[Path]:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from extract import synthetic_jpegs  # bench/extract.py, beside this script
 
-from tokenret.aggregate.extraction import LocalExtractionConfig, extract_local_sets
+from tokenret.extraction.local_sets import LocalExtractionConfig, extract_local_sets
 from tokenret.models.local import create_local_model
 
 

@@ -88,7 +88,7 @@ def _indexed_folder(tmp_path, n=8):
 
 
 def test_index_backend_and_refine_options(tmp_path, capsys):
-    from tokenret.index.collection import ImageIndex
+    from tokenret.collection import ImageIndex
 
     photos, argv = _indexed_folder(tmp_path)
     idx = str(tmp_path / "idx")

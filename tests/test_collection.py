@@ -10,8 +10,8 @@ import pytest
 
 import tokenret
 from tokenret.cli import main
-from tokenret.index import collection as col
-from tokenret.index.collection import ImageIndex, IndexMismatchError
+from tokenret.collection import ImageIndex, IndexMismatchError
+from tokenret.collection import facade as col
 from tokenret.models.checkpoints import save_checkpoint
 
 TINY = {"backbone": "resnet18", "dim": 32, "num_heads": 4, "out_dim": 16}
@@ -41,7 +41,7 @@ def photos(shared_data, tmp_path):
 
 
 def make_index(tmp_path, model, name="idx"):
-    from tokenret.extract import ExtractionConfig
+    from tokenret.extraction import ExtractionConfig
 
     return ImageIndex.create(tmp_path / name, model, ExtractionConfig(max_size=64, scales=(1.0,)))
 
@@ -59,7 +59,7 @@ def test_each_indexed_photo_finds_itself_first(photos, tmp_path):
         # Exact and FAISS-flat give the same ranking over the stored vectors.
         vecs, ids, rows = index.vectors()
         data = np.asarray(vecs[rows], dtype=np.float32)
-        from tokenret.index.base import make_index as make_vector_index
+        from tokenret.index import make_index as make_vector_index
 
         flat = make_vector_index("IDMap,Flat", index.dim)
         flat.add(data, ids)
@@ -175,7 +175,7 @@ def test_queries_made_with_another_model_are_refused(photos, tmp_path):
         index.sync(photos / "eiffel", model, progress=False, **RUNTIME)
         with pytest.raises(IndexMismatchError, match="this model differs"):
             index.search_images(index.paths()[:1], tiny_model(seed=1), **RUNTIME)
-        from tokenret.extract import ExtractionConfig
+        from tokenret.extraction import ExtractionConfig
 
         with pytest.raises(IndexMismatchError, match="extraction settings"):
             index.check_model(model, ExtractionConfig(max_size=128, scales=(1.0,)))
@@ -317,7 +317,7 @@ def test_stale_ann_index_is_rebuilt_and_removed_images_never_return(tmp_path, ca
         # cached FAISS index any more, nor return the removed images.
         assert writer.remove_paths(paths[:50]) == 50
         assert writer.ann_status() == "stale"
-        with caplog.at_level("WARNING", logger="tokenret.index.collection"):
+        with caplog.at_level("WARNING", logger="tokenret.collection.facade"):
             hits = reader.search(x[:50], 5)
         assert "out of date" in caplog.text
         assert not {h.path for row in hits for h in row} & set(paths[:50])
@@ -329,7 +329,7 @@ def test_stale_ann_index_is_rebuilt_and_removed_images_never_return(tmp_path, ca
         assert add_vectors(writer, tmp_path, new, start=1000) == {"added": 20, "updated": 0}
         assert writer.ann_status() == "current"
         caplog.clear()
-        with caplog.at_level("WARNING", logger="tokenret.index.collection"):
+        with caplog.at_level("WARNING", logger="tokenret.collection.facade"):
             first = [row[0] for row in reader.search(new, 1)]
         assert caplog.text == ""
         assert [h.path for h in first] == [str(tmp_path / "img" / f"{i:05d}.jpg") for i in range(1000, 1020)]

@@ -10,9 +10,9 @@ import pytest
 
 import tokenret
 from tokenret import benchmark
-from tokenret import extract as ex
 from tokenret.cli import main
 from tokenret.data.revisited import RevisitedDataset
+from tokenret.extraction import descriptors as ex
 from tokenret.models.checkpoints import save_checkpoint
 
 

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 import tokenret
-from tokenret import extract as ex
 from tokenret.data.images import load_image, to_tensor
+from tokenret.extraction import descriptors as ex
 
 TINY = {"backbone": "resnet18", "dim": 32, "num_heads": 4, "out_dim": 16}
 

@@ -11,7 +11,7 @@ from PIL import Image
 from torch import nn
 
 import tokenret
-from tokenret.extract import ExtractionConfig, extract_descriptors
+from tokenret.extraction import ExtractionConfig, extract_descriptors
 from tokenret.models.fuse import fold_batchnorm, fold_conv_bn, pointwise_fusion_available
 
 
@@ -81,7 +81,7 @@ def test_extraction_with_and_without_folding_agree(tmp_path):
     not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on CPU needs a C++ compiler"
 )
 def test_compiled_extraction_gives_the_same_descriptors_and_is_reused(tmp_path):
-    from tokenret import extract as ex
+    from tokenret.extraction import descriptors as ex
 
     paths = _random_images(tmp_path, 1, [(48, 40 + 8 * i) for i in range(3)])
     model = tokenret.create_model("token_r50", backbone="resnet18", dim=32, num_heads=4, out_dim=16)
@@ -101,7 +101,7 @@ def test_compiled_extraction_gives_the_same_descriptors_and_is_reused(tmp_path):
 def test_the_folded_copy_is_reused_while_model_and_weights_stay_the_same():
     import gc
 
-    from tokenret import extract as ex
+    from tokenret.extraction import descriptors as ex
 
     cfg = ExtractionConfig(num_workers=0)
     model = tokenret.create_model("token_r50", backbone="resnet18", dim=32, num_heads=4, out_dim=16).eval()
@@ -124,7 +124,7 @@ def test_the_folded_copy_is_reused_while_model_and_weights_stay_the_same():
 
 
 def test_compile_without_a_cpp_compiler_fails_before_any_work(monkeypatch, tmp_path):
-    from tokenret import extract as ex
+    from tokenret.extraction import network as ex
 
     monkeypatch.delenv("CXX", raising=False)
     monkeypatch.setattr(ex.shutil, "which", lambda name: None)
@@ -135,8 +135,8 @@ def test_compile_without_a_cpp_compiler_fails_before_any_work(monkeypatch, tmp_p
     with pytest.raises(RuntimeError, match=r"needs a C\+\+ compiler.*without --compile"):
         extract_descriptors(model, [path], config=config, progress=False)
     monkeypatch.setenv("CXX", "/opt/my/g++")  # an explicit compiler is trusted
-    ex._check_compiler(torch.device("cpu"))
-    ex._check_compiler(torch.device("cuda"))  # GPU kernels need no host compiler check here
+    ex.check_compiler(torch.device("cpu"))
+    ex.check_compiler(torch.device("cuda"))  # GPU kernels need no host compiler check here
 
 
 # --- oneDNN post-op fusion (ReLU and residual add inside the convolution) ---------------------------------
@@ -192,7 +192,7 @@ def test_a_block_with_its_own_forward_is_left_alone():
 
 
 def test_fusion_is_used_only_for_cpu_float32_eager_and_never_on_the_callers_model(monkeypatch):
-    from tokenret import extract as ex
+    from tokenret.extraction import descriptors as ex
     from tokenret.models import fuse
 
     model = tokenret.create_model("token_r50", backbone="resnet18", dim=32, num_heads=4, out_dim=16).eval()
@@ -323,7 +323,7 @@ def test_winograd_blocks_take_nnpack_only_in_one_thread_callers(monkeypatch):
 
 @needs_winograd
 def test_extraction_with_and_without_winograd_agree_and_the_option_reaches_the_network(tmp_path, monkeypatch):
-    from tokenret import extract as ex
+    from tokenret.extraction import descriptors as ex
     from tokenret.models import fuse
 
     paths = _random_images(tmp_path, 3, [(56, 40 + 8 * i) for i in range(3)])

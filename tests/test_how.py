@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from release_reference import randomize_state
-from tokenret.aggregate.local_store import LocalDescriptorStore, pad_sets
+from tokenret.data.local_store import LocalDescriptorStore, pad_sets
 from tokenret.models.checkpoints import CheckpointError
 from tokenret.models.how import (
     HOW_SCALES,

@@ -15,13 +15,13 @@ import pytest
 import torch
 from torch import nn
 
-from tokenret.aggregate import extraction as lx
 from tokenret.aggregate.asmk import aggregate_residuals, asmk_similarity
 from tokenret.aggregate.codebook import Codebook
 from tokenret.aggregate.vlad import vlad
 from tokenret.cli import main
 from tokenret.data.revisited import RevisitedDataset
 from tokenret.evaluate import compute_revisited_map, ranks_from_scores
+from tokenret.extraction import local_sets as lx
 from tokenret.models import local as local_models
 
 DATASET = "rparis6k_subset"

@@ -12,12 +12,12 @@ from PIL import Image
 from torch import nn
 
 from release_reference import randomize_state
-from tokenret.aggregate import extraction as lx
 from tokenret.aggregate.codebook import Codebook
-from tokenret.aggregate.local_store import LocalDescriptorStore
 from tokenret.cli import main
 from tokenret.data.images import load_image, to_tensor
-from tokenret.extract import ExtractionError
+from tokenret.data.local_store import LocalDescriptorStore
+from tokenret.extraction import ExtractionError
+from tokenret.extraction import local_sets as lx
 from tokenret.models.how import create_how, extract_local
 
 
@@ -245,7 +245,7 @@ def test_a_selection_that_keeps_nothing_is_reported(tmp_path, caplog):
 def test_store_keeps_float32_exactly_and_float16_by_default(tmp_path):
     import json
 
-    from tokenret.aggregate.local_store import LocalDescriptorStore
+    from tokenret.data.local_store import LocalDescriptorStore
 
     rng = np.random.default_rng(0)
     sets = [rng.standard_normal((n, 5)).astype(np.float32) * 37.1 for n in (3, 0, 4)]

@@ -15,7 +15,7 @@ from tokenret.aggregate.pipeline import LocalAggregateModel
 from tokenret.aggregate.vlad import vlad
 from tokenret.cli import main
 from tokenret.data.images import load_image, to_tensor
-from tokenret.extract import model_fingerprint
+from tokenret.extraction import model_fingerprint
 from tokenret.models.local import create_local_model
 
 

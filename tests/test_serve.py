@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 import tokenret
-from tokenret.extract import ExtractionConfig
-from tokenret.index.collection import ImageIndex
+from tokenret.collection import ImageIndex
+from tokenret.extraction import ExtractionConfig
 from tokenret.serve import SearchServer, SearchService
 
 TINY = {"backbone": "resnet18", "dim": 32, "num_heads": 4, "out_dim": 16}

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import tokenret
 from release_reference import randomize_state
-from tokenret.aggregate.local_store import pad_sets
+from tokenret.data.local_store import pad_sets
 from tokenret.models import checkpoints as ck
 from tokenret.models.registry import get_model_config
 from tokenret.models.token import SetTokenModel, TokenHead

@@ -17,7 +17,7 @@ from synthetic_landmarks import write_class_folders, write_revisited_benchmark
 import tokenret
 from tokenret.data.revisited import RevisitedDataset
 from tokenret.evaluate import compute_revisited_map, ranks_from_scores
-from tokenret.extract import ExtractionConfig, extract_descriptors
+from tokenret.extraction import ExtractionConfig, extract_descriptors
 from tokenret.train import command
 from tokenret.train.config import load_config
 

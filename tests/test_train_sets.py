@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import tokenret
-from tokenret.aggregate.local_store import LocalDescriptorStore, pad_sets
 from tokenret.data.local_sets import LocalSetDataset, read_local_sets
+from tokenret.data.local_store import LocalDescriptorStore, pad_sets
 from tokenret.evaluate import compute_revisited_map, ranks_from_scores
 from tokenret.train import command
 from tokenret.train.config import ConfigError, load_config

@@ -24,7 +24,7 @@ from torch import nn
 
 from tokenret.data.revisited import R1MDistractors, RevisitedDataset
 from tokenret.evaluate import evaluate_descriptors, evaluate_scores, format_results, results_to_json
-from tokenret.extract import ExtractionConfig, extract_descriptors, model_fingerprint
+from tokenret.extraction import ExtractionConfig, extract_descriptors, model_fingerprint
 from tokenret.models.checkpoints import tokenret_home
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ def run_local_benchmark(
     Descriptor sets are cached per dataset, local model and extraction settings, so trying another
     aggregator re-uses them. QE/DBA need global vectors (VLAD, Token), not ASMK.
     """
-    from tokenret.aggregate.extraction import LocalExtractionConfig, extract_local_sets
+    from tokenret.extraction.local_sets import LocalExtractionConfig, extract_local_sets
 
     config = config or LocalExtractionConfig()
     if not aggregator.global_vectors and (qe or dba):

@@ -9,7 +9,7 @@ import logging
 import sys
 from pathlib import Path
 
-from tokenret.extract import ExtractionError
+from tokenret.extraction import ExtractionError
 from tokenret.models import checkpoints as ck
 
 
@@ -74,7 +74,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_extraction_arguments(p: argparse.ArgumentParser) -> None:
-    from tokenret.extract import RELEASE_SCALES
+    from tokenret.extraction import RELEASE_SCALES
 
     p.add_argument("--max-size", type=int, default=1024, help="longest image side (never enlarged)")
     p.add_argument(
@@ -126,7 +126,7 @@ def model_from_args(args: argparse.Namespace):
 
 
 def extraction_config_from_args(args: argparse.Namespace):
-    from tokenret.extract import RELEASE_SCALES, ExtractionConfig
+    from tokenret.extraction import RELEASE_SCALES, ExtractionConfig
 
     return ExtractionConfig(
         max_size=args.max_size,
@@ -179,7 +179,7 @@ def local_model_from_args(args: argparse.Namespace):
 
 
 def local_config_from_args(args: argparse.Namespace):
-    from tokenret.aggregate.extraction import LocalExtractionConfig
+    from tokenret.extraction.local_sets import LocalExtractionConfig
 
     return LocalExtractionConfig(
         max_size=args.max_size,
@@ -294,10 +294,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_extract_local(args: argparse.Namespace) -> int:
-    from tokenret.aggregate.extraction import extract_local_sets
+    from tokenret.data.files import find_images
     from tokenret.data.folders import read_class_folders, read_csv_labels
     from tokenret.data.gldv2 import read_gldv2
-    from tokenret.index.collection import find_images
+    from tokenret.extraction.local_sets import extract_local_sets
 
     if bool(args.images) == bool(args.data_format):
         raise ValueError("give either --images FOLDER or --data-format FORMAT --data-root ROOT")
@@ -348,9 +348,9 @@ def _cmd_extract_local(args: argparse.Namespace) -> int:
 def _cmd_delf_pca(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from tokenret.aggregate.extraction import normalisation
+    from tokenret.data.files import find_images
     from tokenret.data.images import ImageLoadError, load_image, to_tensor
-    from tokenret.index.collection import find_images
+    from tokenret.extraction.local_sets import normalisation
     from tokenret.models.delf import create_delf, learn_pca, save_delf
 
     model = create_delf("delf_r50", args.checkpoint)
@@ -383,7 +383,7 @@ def _cmd_codebook(args: argparse.Namespace) -> int:
 
     from tokenret.aggregate.aggregators import CODEBOOK_SAMPLES_PER_WORD
     from tokenret.aggregate.codebook import Codebook
-    from tokenret.aggregate.local_store import LocalDescriptorStore
+    from tokenret.data.local_store import LocalDescriptorStore
 
     root = Path(args.sets)
     store = LocalDescriptorStore.load(root / "descriptors" if (root / "descriptors").is_dir() else root)
@@ -438,7 +438,7 @@ def _runtime_from_args(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
-    from tokenret.index.collection import ImageIndex
+    from tokenret.collection import ImageIndex
 
     target = Path(args.target)
     if args.out is None:  # `tokenret index INDEX --report / --check-recall / --backend`
@@ -453,7 +453,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
                 if not (args.check_recall or args.report):
                     return 0
             if args.check_recall:
-                from tokenret.index.collection import sampled_recall
+                from tokenret.collection import sampled_recall
 
                 res = sampled_recall(index, k=args.k, n_queries=args.n_queries)  # the configured backend
                 refine = f" (exact re-ranking of {res['refine']})" if res["refine"] else ""
@@ -523,7 +523,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
 
 def _refine_from_args(args: argparse.Namespace, backend: str, current: int | None) -> int | None:
     """--refine K (0: none); without it the current value stays, unless the backend becomes exact."""
-    from tokenret.index.base import is_exact_spec
+    from tokenret.index import is_exact_spec
 
     if args.refine is not None:
         return args.refine or None
@@ -531,7 +531,7 @@ def _refine_from_args(args: argparse.Namespace, backend: str, current: int | Non
 
 
 def _backend_info(index) -> dict[str, object]:
-    from tokenret.index.collection import default_qdrant_collection, qdrant_target
+    from tokenret.collection import default_qdrant_collection, qdrant_target
 
     info = {
         "backend": index.backend,
@@ -570,7 +570,7 @@ def _parse_box(text: str | None):
 def _cmd_search(args: argparse.Namespace) -> int:
     import csv
 
-    from tokenret.index.collection import ImageIndex, find_images
+    from tokenret.collection import ImageIndex, find_images
 
     queries: list[Path] = []
     for q in args.queries:
@@ -619,7 +619,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
-    from tokenret.index.collection import ImageIndex
+    from tokenret.collection import ImageIndex
     from tokenret.viz import search_page
 
     box = _parse_box(args.box)
@@ -647,8 +647,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_duplicates(args: argparse.Namespace) -> int:
-    from tokenret.index.collection import ImageIndex
-    from tokenret.index.duplicates import find_duplicate_groups
+    from tokenret.collection import ImageIndex, find_duplicate_groups
 
     with ImageIndex(args.index) as index:
         groups = find_duplicate_groups(index, args.threshold)

@@ -1,7 +1,7 @@
 """Aggregation of local descriptors: visual-word codebook, ASMK / ASMK* with an inverted file, VLAD.
 
 The Token aggregator itself lives in :mod:`tokenret.models.token` (``TokenHead.forward_set``);
-:mod:`tokenret.aggregate.local_store` keeps variable-size descriptor sets and pads them into batches for it.
+:mod:`tokenret.data.local_store` keeps variable-size descriptor sets and pads them into batches for it.
 
 Example:
     >>> import numpy as np
@@ -19,8 +19,8 @@ Example:
 
 from tokenret.aggregate.asmk import AggregatedSet, AsmkIndex, aggregate_residuals, asmk_similarity
 from tokenret.aggregate.codebook import Codebook
-from tokenret.aggregate.local_store import LocalDescriptorStore, pad_sets
 from tokenret.aggregate.vlad import VladEncoder, VladPCA, vlad
+from tokenret.data.local_store import LocalDescriptorStore, pad_sets
 
 __all__ = [
     "AggregatedSet",

@@ -27,8 +27,8 @@ from torch import nn
 
 from tokenret.aggregate.asmk import AsmkIndex
 from tokenret.aggregate.codebook import DEFAULT_SEED, MAX_POINTS_PER_CENTROID, Codebook
-from tokenret.aggregate.local_store import pad_sets
 from tokenret.aggregate.vlad import VladEncoder
+from tokenret.data.local_store import pad_sets
 
 log = logging.getLogger(__name__)
 

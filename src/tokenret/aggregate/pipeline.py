@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tokenret.aggregate.codebook import Codebook
-from tokenret.aggregate.extraction import normalisation
 from tokenret.aggregate.vlad import vlad
 from tokenret.data.images import IMAGENET_MEAN, IMAGENET_STD
+from tokenret.extraction.local_sets import normalisation
 from tokenret.models import checkpoints as ck
 
 FORMAT = "tokenret-local-aggregate-v1"

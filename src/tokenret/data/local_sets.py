@@ -37,8 +37,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from tokenret.aggregate.local_store import LocalDescriptorStore
 from tokenret.data.augment import sample_seed
+from tokenret.data.local_store import LocalDescriptorStore
 
 __all__ = [
     "LabelledSets",

@@ -12,16 +12,9 @@ Example:
     ((2, 10), [0, 1])
 """
 
-from tokenret.index.base import (
-    EXACT_SEARCH_LIMIT,
-    IndexFormatError,
-    VectorIndex,
-    choose_index_spec,
-    ivf_pq_spec,
-    load_index,
-    make_index,
-)
+from tokenret.index.base import EXACT_SEARCH_LIMIT, IndexFormatError, VectorIndex
 from tokenret.index.exact import ExactIndex
+from tokenret.index.factory import choose_index_spec, is_exact_spec, ivf_pq_spec, load_index, make_index
 from tokenret.index.faiss_index import FaissIndex  # faiss itself is imported on first use
 from tokenret.index.qdrant_index import QdrantIndex  # qdrant-client too
 from tokenret.index.recall import RecallReport, check_recall, nn_recall_at_k, recall_at_k, recall_per_query
@@ -36,6 +29,7 @@ __all__ = [
     "VectorIndex",
     "check_recall",
     "choose_index_spec",
+    "is_exact_spec",
     "ivf_pq_spec",
     "load_index",
     "make_index",

@@ -1,4 +1,4 @@
-"""The index interface shared by every tokenret index, its on-disk header, and the factories.
+"""The index interface shared by every tokenret index and its on-disk header (factories: :mod:`.factory`).
 
 An index holds unit-length float descriptors, each with an int64 id, and answers k-nearest-neighbour
 queries by inner product (cosine similarity): the same small interface as a faiss index
@@ -13,7 +13,7 @@ Result conventions (all indexes):
 * Ids are unique within an index; ``add`` without ids numbers vectors from ``max(id) + 1``.
 
 On disk an index is a directory holding ``index.json`` (format tag, kind, dimension, count and the
-kind's settings) next to the kind's data files; :func:`load_index` reads the header and hands the
+kind's settings) next to the kind's data files; ``load_index`` reads the header and hands the
 directory to the right class. Nothing in these files is executed: the header is JSON and arrays
 are read with ``allow_pickle=False``.
 """
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import abc
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -38,11 +37,13 @@ INDEX_FORMAT_VERSION = 1
 #: Collections up to this size get the exact index from :func:`choose_index_spec`.
 EXACT_SEARCH_LIMIT = 200_000
 
-_EXACT_SPECS = {"flat", "exact"}
-
 
 class IndexFormatError(ValueError):
     """An index directory is missing, incomplete or written by an incompatible version."""
+
+
+#: Index classes by their header ``kind``, filled as each class is defined.
+_KINDS: dict[str, type[VectorIndex]] = {}
 
 
 class VectorIndex(abc.ABC):
@@ -63,8 +64,13 @@ class VectorIndex(abc.ABC):
         ([[10, 11]], [[1.0, 0.0]])
     """
 
-    #: Value of ``kind`` in the header; also the key :func:`load_index` dispatches on.
+    #: Value of ``kind`` in the header; also the key :meth:`load` dispatches on.
     kind: str = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.kind:
+            _KINDS[cls.kind] = cls
 
     def __init__(self, dim: int) -> None:
         if int(dim) <= 0:
@@ -114,14 +120,22 @@ class VectorIndex(abc.ABC):
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> VectorIndex:
-        """Load an index saved with :meth:`save`; on a subclass, also check it is of that class."""
-        index = load_index(path)
-        if not isinstance(index, cls):
+        """Load an index saved with :meth:`save`, choosing the class from the header's ``kind`` (among the
+        classes imported so far: :func:`tokenret.index.load_index` imports them all); on a subclass, also
+        check it is of that class."""
+        header = read_header(path)
+        kind = header["kind"]
+        klass = _KINDS.get(kind)
+        if klass is None:
             raise IndexFormatError(
-                f"{path} holds a {type(index).__name__} ('{index.kind}' index), not a {cls.__name__}; "
+                f"{path}: unknown index kind '{kind}' (known: {', '.join(sorted(_KINDS))})"
+            )
+        if not issubclass(klass, cls):
+            raise IndexFormatError(
+                f"{path} holds a {klass.__name__} ('{kind}' index), not a {cls.__name__}; "
                 "use tokenret.index.load_index to load any kind"
             )
-        return index
+        return klass._load_dir(Path(path), header)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(dim={self.dim}, ntotal={self.ntotal})"
@@ -254,115 +268,3 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
         if key not in header:
             raise IndexFormatError(f"{header_path} lacks '{key}'")
     return header
-
-
-def _index_classes() -> dict[str, type[VectorIndex]]:
-    # imported here: exact/faiss_index import this module, and faiss must stay optional
-    from tokenret.index.exact import ExactIndex
-    from tokenret.index.faiss_index import FaissIndex
-    from tokenret.index.qdrant_index import QdrantIndex
-
-    return {ExactIndex.kind: ExactIndex, FaissIndex.kind: FaissIndex, QdrantIndex.kind: QdrantIndex}
-
-
-def load_index(path: str | os.PathLike) -> VectorIndex:
-    """Load any index saved with ``save(path)``, choosing the class from the header's ``kind``.
-
-    Example:
-        >>> index = load_index("photos.index")   # doctest: +SKIP
-        >>> scores, ids = index.search(query_descriptors, 100)   # doctest: +SKIP
-    """
-    header = read_header(path)
-    classes = _index_classes()
-    kind = header["kind"]
-    if kind not in classes:
-        raise IndexFormatError(f"{path}: unknown index kind '{kind}' (known: {', '.join(sorted(classes))})")
-    return classes[kind]._load_dir(Path(path), header)
-
-
-# ---------------------------------------------------------------------------------------------
-# Factories
-
-
-def make_index(spec: str, dim: int, **options: Any) -> VectorIndex:
-    """Create an empty index from a short spec string.
-
-    Args:
-        spec: ``"Flat"`` or ``"exact"`` (case-insensitive) for :class:`~tokenret.index.ExactIndex`;
-            ``"qdrant"`` for :class:`~tokenret.index.QdrantIndex` (a Qdrant collection: pass ``url=``,
-            ``path=`` or ``location=":memory:"`` and ``collection=``; needs ``pip install qdrant-client``);
-            anything else is a faiss ``index_factory`` string (``"HNSW32"``, ``"IVF4096,PQ64"``)
-            wrapped in :class:`~tokenret.index.FaissIndex` (needs ``pip install faiss-cpu``).
-        dim: descriptor dimension.
-        **options: passed to the class, e.g. ``chunk_size`` for the exact index, or
-            ``refine_factor``, ``nprobe``, ``efSearch`` for FAISS indexes.
-
-    Example:
-        >>> index = make_index("Flat", 1024)
-        >>> type(index).__name__
-        'ExactIndex'
-        >>> ann = make_index("IVF4096_HNSW32,PQ64", 1024, refine_factor=8, nprobe=16)  # doctest: +SKIP
-    """
-    if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"index spec must be a non-empty string such as 'Flat' or 'HNSW32', got {spec!r}")
-    if is_exact_spec(spec):
-        from tokenret.index.exact import ExactIndex
-
-        return ExactIndex(dim, **options)
-    if spec.strip().lower() == "qdrant":
-        from tokenret.index.qdrant_index import QdrantIndex
-
-        return QdrantIndex(dim, **options)
-    from tokenret.index.faiss_index import FaissIndex
-
-    return FaissIndex(spec.strip(), dim, **options)
-
-
-def is_exact_spec(spec: str) -> bool:
-    """True for the specs :func:`make_index` maps to the exact index (``"Flat"``, ``"exact"``, any case)."""
-    return spec.strip().lower() in _EXACT_SPECS
-
-
-def choose_index_spec(n: int, dim: int) -> str:
-    """Pick an index spec for ``n`` vectors of size ``dim``: exact up to 200k, IVF-PQ above.
-
-    Rationale: up to ~200k descriptors an exact fp16 scan is cheap (400 MB, tens of ms per query
-    for 1024-d on 2 cores) and always right; above that, :func:`ivf_pq_spec` keeps memory under
-    100 B per image. ``HNSW32`` stores full fp32 vectors plus its graph (over 4 KB per 1024-d
-    image) and needed efSearch > 512 for recall 0.95 at 1M, so it is not the default.
-    Measurements: bench/README.md.
-
-    Example:
-        >>> choose_index_spec(50_000, 1024)
-        'Flat'
-        >>> choose_index_spec(1_000_000, 1024)
-        'IVF4096_HNSW32,PQ128x4fs'
-    """
-    if n < 0 or dim <= 0:
-        raise ValueError(f"need n >= 0 and dim > 0, got n={n}, dim={dim}")
-    if n <= EXACT_SEARCH_LIMIT:
-        return "Flat"
-    return ivf_pq_spec(n, dim)
-
-
-def ivf_pq_spec(n: int, dim: int) -> str:
-    """The IVF-PQ spec for ``n`` vectors: ``IVF{nlist}_HNSW32,PQ{m}x4fs``.
-
-    nlist ~ 4 sqrt(n) rounded to a power of two; an HNSW graph over the centroids (a flat scan of
-    4096 x 1024-d centroids alone costs ~2 ms per query); m = dim/8 four-bit codes (64 B for
-    1024-d) searched with FAISS's SIMD "fast scan": the same recall as dim/16 eight-bit codes on
-    clustered descriptors (0.71 at 1M) in a third of the time. PQ alone only reaches recall@100 ~0.7
-    there: build with ``refine_factor`` (exact re-ranking against float16 vectors) for 0.95-0.98.
-
-    Example:
-        >>> ivf_pq_spec(200_000, 1024)
-        'IVF2048_HNSW32,PQ128x4fs'
-    """
-    if n < 0 or dim <= 0:
-        raise ValueError(f"need n >= 0 and dim > 0, got n={n}, dim={dim}")
-    nlist = 2 ** round(math.log2(4 * math.sqrt(max(n, 1))))
-    # the largest even number of 4-bit sub-quantizers <= dim/8 that divides dim (fast scan packs pairs)
-    m = max(2, dim // 8)
-    while m > 2 and (dim % m or m % 2):
-        m -= 1
-    return f"IVF{nlist}_HNSW32,PQ{m}x4fs"

@@ -3,7 +3,7 @@
 Every extractor is an ``nn.Module`` with ``extract_local(image) -> dict`` (descriptors (N, D), attention
 (N,), positions (N, 2) in pixels, locations, scales, strongest first), ``runtime`` (its test-time defaults:
 ``scales``, ``features_num``, ``mean_std``), ``output_dim``, ``model_name`` and ``model_kwargs``. The set
-engine (:func:`tokenret.aggregate.extraction.extract_local_sets`) drives any of them the same way.
+engine (:func:`tokenret.extraction.local_sets.extract_local_sets`) drives any of them the same way.
 
 Example:
     >>> from tokenret.models.local import create_local_model, list_local_models

@@ -1,4 +1,4 @@
-"""HTTP API and web page over an :class:`~tokenret.index.collection.ImageIndex` (``tokenret serve``).
+"""HTTP API and web page over an :class:`~tokenret.collection.ImageIndex` (``tokenret serve``).
 
 Standard library only (``http.server``): the index and its model are loaded once, requests are
 handled on threads, and searches run one at a time (the model and the SQLite connection are shared).
@@ -45,7 +45,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from PIL import Image, UnidentifiedImageError
 
-from tokenret.index.collection import ImageIndex
+from tokenret.collection import ImageIndex
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ class SearchService:
         Raises:
             RequestError: 400 for a bad ``k``, a bad box, or bytes that are not a readable image.
         """
-        from tokenret.extract import ExtractionError, extract_descriptors
+        from tokenret.extraction import ExtractionError, extract_descriptors
 
         k = parse_k(k)
         size = image_size(image)

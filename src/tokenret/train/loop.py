@@ -858,7 +858,7 @@ class Trainer:
     def _validate_retrieval(self) -> dict[str, float]:
         from tokenret.data.revisited import RevisitedDataset
         from tokenret.evaluate import compute_revisited_map, ranks_from_scores
-        from tokenret.extract import ExtractionConfig, extract_descriptors
+        from tokenret.extraction import ExtractionConfig, extract_descriptors
 
         v, r = self.cfg.val, self.cfg.train
         amp = r.amp if (r.amp != "fp16" or self.device.type == "cuda") else "off"

@@ -17,8 +17,8 @@ in progress, and the next run continues. Changed files (size or mtime) are re-de
 dropped; unreadable files are recorded with the reason (``failures()``), never skipped in silence.
 
 How searches run is a setting, :meth:`ImageIndex.set_backend`: ``"exact"`` scans the memory-mapped
-float16 vectors; ``"auto"`` (the default) does so up to :data:`~tokenret.index.base.EXACT_SEARCH_LIMIT`
-images and uses :func:`~tokenret.index.base.choose_index_spec`'s IVF-PQ above; a FAISS factory string
+float16 vectors; ``"auto"`` (the default) does so up to :data:`~tokenret.index.EXACT_SEARCH_LIMIT`
+images and uses :func:`~tokenret.index.choose_index_spec`'s IVF-PQ above; a FAISS factory string
 (``"HNSW32"``, ``"IVF4096_HNSW32,PQ64"``) asks for that index. With ``refine=K`` the best K FAISS
 candidates are re-scored exactly against the stored vectors. The FAISS index covers one state of the
 image set; any addition, change or removal makes it stale, and a stale one is never searched:
@@ -54,7 +54,8 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from tokenret.index.base import choose_index_spec, is_exact_spec
+from tokenret.data.files import find_images
+from tokenret.index.factory import choose_index_spec, is_exact_spec
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +72,6 @@ ANN_UPDATE_MAX_FRACTION = 0.5
 HNSW_EF_SEARCH = 128
 #: Vectors upcast to float32 and added to a FAISS index at a time while it is built.
 _BUILD_CHUNK = 65536
-IMAGE_EXTENSIONS = frozenset(
-    ".jpg .jpeg .png .bmp .gif .tif .tiff .webp .ppm .pgm .pbm .jfif .heic .avif".split()
-)
 
 
 class IndexMismatchError(RuntimeError):
@@ -85,22 +83,6 @@ class SearchHit:
     path: str
     score: float
     id: int
-
-
-def find_images(root: str | Path) -> list[Path]:
-    """Image files under ``root`` (recursively, by extension, hidden folders skipped), sorted."""
-    root = Path(root)
-    if root.is_file():
-        return [root.resolve()]
-    if not root.is_dir():
-        raise FileNotFoundError(f"no such folder: {root}")
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for f in filenames:
-            if Path(f).suffix.lower() in IMAGE_EXTENSIONS and not f.startswith("."):
-                found.append((Path(dirpath) / f).resolve())
-    return sorted(found)
 
 
 def _add_rows(ann: Any, vecs: np.ndarray, ids: np.ndarray, rows: np.ndarray) -> None:
@@ -169,7 +151,7 @@ class ImageIndex:
 
         ``backend`` and ``refine`` choose how searches run (see :meth:`set_backend`).
         """
-        from tokenret.extract import ExtractionConfig, model_fingerprint
+        from tokenret.extraction import ExtractionConfig, model_fingerprint
         from tokenret.models.checkpoints import save_checkpoint, sha256sum
 
         config = config or ExtractionConfig()
@@ -233,14 +215,14 @@ class ImageIndex:
 
     def extraction_config(self, **runtime: Any) -> Any:
         """The index's extraction settings, with run-time options (device, batch size, workers) added."""
-        from tokenret.extract import ExtractionConfig
+        from tokenret.extraction import ExtractionConfig
 
         e = self.settings["extraction"]
         return ExtractionConfig(max_size=e["max_size"], scales=tuple(e["scales"]), amp=e["amp"], **runtime)
 
     def check_model(self, model: Any, config: Any = None) -> None:
         """Refuse a model or extraction settings other than the ones the index was made with."""
-        from tokenret.extract import model_fingerprint
+        from tokenret.extraction import model_fingerprint
 
         if model_fingerprint(model) != self.settings["model_sha256"]:
             raise IndexMismatchError(
@@ -350,7 +332,7 @@ class ImageIndex:
 
         Returns counts: added, updated, unchanged, failed.
         """
-        from tokenret.extract import extract_descriptors
+        from tokenret.extraction import extract_descriptors
 
         config = self.extraction_config(**runtime)
         self.check_model(model, config)
@@ -389,7 +371,7 @@ class ImageIndex:
 
         Returns counts: added, updated (the approximate index is rebuilt as after ``add_paths``).
         """
-        from tokenret.extract import ExtractionResult
+        from tokenret.extraction import ExtractionResult
 
         x = np.asarray(descriptors, dtype=np.float32)
         if x.ndim != 2 or x.shape != (len(paths), self.dim):
@@ -505,8 +487,8 @@ class ImageIndex:
 
         Args:
             spec: ``"exact"`` (or ``"Flat"``): scan every stored vector; ``"auto"``: exact up to
-                :data:`~tokenret.index.base.EXACT_SEARCH_LIMIT` images, then the IVF-PQ spec of
-                :func:`~tokenret.index.base.choose_index_spec`; anything else: a FAISS factory string
+                :data:`~tokenret.index.EXACT_SEARCH_LIMIT` images, then the IVF-PQ spec of
+                :func:`~tokenret.index.choose_index_spec`; anything else: a FAISS factory string
                 (``"HNSW32"``, ``"IVF4096,PQ64"``; ``"IDMap,Flat"`` is FAISS's own brute force).
             refine: re-score the best ``refine`` FAISS candidates of each query exactly against the stored
                 vectors (needs an approximate backend); None returns FAISS's scores.
@@ -636,7 +618,7 @@ class ImageIndex:
 
     def _load_ann(self, want: dict[str, Any]) -> Any:
         """The saved FAISS index if it covers ``want``, else None."""
-        from tokenret.index.base import IndexFormatError, load_index
+        from tokenret.index import IndexFormatError, load_index
 
         state = self._read_ann_state()
         if state is None or any(state.get(k) != v for k, v in want.items()):
@@ -702,7 +684,7 @@ class ImageIndex:
         built leave it, new and re-described ones are added (its lists and codebooks stay valid for new
         vectors of the same kind), and it is saved again. None where that does not apply (another spec, an
         HNSW graph, which cannot remove, no record of what it holds, or too many changes): rebuild then."""
-        from tokenret.index.base import IndexFormatError, load_index
+        from tokenret.index import IndexFormatError, load_index
 
         if state is None or any(state.get(k) != want[k] for k in ("backend", "spec", "dim")):
             return None
@@ -838,7 +820,7 @@ class ImageIndex:
         self, paths: Sequence[str | Path], model: Any, boxes: Sequence[Any] | None = None, **runtime: Any
     ) -> np.ndarray:
         """Descriptors of query images, made exactly like the stored ones (refuses another model)."""
-        from tokenret.extract import extract_descriptors
+        from tokenret.extraction import extract_descriptors
 
         config = self.extraction_config(**runtime)
         self.check_model(model, config)
@@ -950,7 +932,7 @@ def sampled_recall(
         spec: None measures the index's configured backend (refine included), as searches run it; a spec
             (``"auto"`` resolves at the index's size) measures a FAISS index built for the purpose.
     """
-    from tokenret.index.base import make_index
+    from tokenret.index.factory import make_index
     from tokenret.index.recall import recall_at_k
 
     vecs, ids, rows = index.vectors()

@@ -1,11 +1,11 @@
 """Local descriptor sets of many images: extracted once, stored in shards, reused by every aggregator.
 
-The engine for local features, beside :mod:`tokenret.extract` for global descriptors and sharing its image
-loading (robust decoding, resize to ``max_size``, query-box crop): each image goes through the model's
-``extract_local`` (HOW, DELF: a multi-scale pyramid and the top-N strongest features) and its set is
-written, with the attention strengths, into shard stores (:class:`LocalDescriptorStore`) beside a manifest.
-An interrupted run resumes without recomputing finished shards; under ``torchrun`` each process takes
-every world_size-th shard. Unreadable images keep their place as empty sets and are reported.
+The engine for local features, beside :mod:`tokenret.extraction.descriptors` for global descriptors,
+sharing its image loading (robust decoding, resize to ``max_size``, query-box crop): each image goes through
+the model's ``extract_local`` (HOW, DELF: a multi-scale pyramid and the top-N strongest features) and its
+set is written, with the attention strengths, into shard stores (:class:`LocalDescriptorStore`) beside a
+manifest. An interrupted run resumes without recomputing finished shards; under ``torchrun`` each process
+takes every world_size-th shard. Unreadable images keep their place as empty sets and are reported.
 
 Example:
     >>> model = create_local_model("how_r50", checkpoint="how_r50-.pth")                  # doctest: +SKIP
@@ -32,24 +32,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from tokenret.aggregate.local_store import STORE_DTYPES, LocalDescriptorStore
 from tokenret.data.images import IMAGENET_MEAN, IMAGENET_STD
-from tokenret.extract import (
-    Box,
-    ExtractionError,
-    ImageList,
-    LastCopy,
-    ShardStore,
-    _collate_one,
-    _list_fingerprint,
-    _weights_state,
-    check_streams,
-    extract_unsharded,
-    model_fingerprint,
-    resolve_device,
-    resolve_streams,
-    run_streams,
-)
+from tokenret.data.local_store import STORE_DTYPES, LocalDescriptorStore
+from tokenret.extraction.descriptors import model_fingerprint
+from tokenret.extraction.image_list import Box, ExtractionError, ImageList, collate_one, list_fingerprint
+from tokenret.extraction.network import LastCopy, weights_state
+from tokenret.extraction.shards import ShardStore, extract_unsharded
+from tokenret.extraction.streams import check_streams, resolve_device, resolve_streams, run_streams
 from tokenret.models.fuse import fold_batchnorm, fuse_activations
 
 log = logging.getLogger(__name__)
@@ -68,7 +57,7 @@ class LocalExtractionConfig:
         topk: strongest features kept per image over all scales (None: the model's, 1000).
         num_workers: image decoding processes.
         streams: CPU only: images run by this many threads at once, sharing torch's threads (0: 2 when
-            torch has 2 or more threads; 1: off), as in :class:`tokenret.extract.ExtractionConfig`.
+            torch has 2 or more threads; 1: off), as in :class:`tokenret.extraction.ExtractionConfig`.
         device: "cpu", "cuda", ... (default: cuda when available).
         shard_size: images per shard.
         dtype: how the sets are kept: "float16" (half the space) or "float32" (the extractor's own
@@ -76,7 +65,7 @@ class LocalExtractionConfig:
             of a near-zero residual sum).
         fast_trunk: on CPU, run the model's trunk (``model.features``) as an inference copy: BatchNorms
             folded, ReLUs and residual adds fused into oneDNN's convolutions, channels_last, and NNPACK's
-            3x3 convolutions in one-thread streams (as :func:`tokenret.extract.inference_network` does for
+            3x3 convolutions in one-thread streams (as :func:`tokenret.extraction.inference_network` does for
             global descriptors). The same features are selected and their values agree to float rounding
             (relative ~1e-6); 1.54x faster for HOW R50 at its 7 scales on the development CPU
             (bench/README.md, "extract_local"). None (default): on, except with ``dtype="float32"``,
@@ -162,7 +151,7 @@ def local_inference_model(model: nn.Module, config: LocalExtractionConfig, devic
         return model
     # the last copy is reused while the model and its weights (and run-time settings) are unchanged: one
     # query at a time (search, serve) does not pay a copy each
-    key = (_weights_state(model), repr(getattr(model, "runtime", None)))
+    key = (weights_state(model), repr(getattr(model, "runtime", None)))
     cached = _FAST_CACHE.get(model, key)
     if cached is not None:
         return cached
@@ -213,7 +202,7 @@ def _extract_range(
         torch.utils.data.Subset(dataset, list(indices)),
         batch_size=None,
         num_workers=config.num_workers if len(indices) > 1 else 0,
-        collate_fn=_collate_one,
+        collate_fn=collate_one,
     )
 
     def run(item: tuple[int, torch.Tensor | None, str | None]) -> None:
@@ -281,7 +270,7 @@ def extract_local_sets(
         "shard_size": shards.shard_size,
         "extraction": config.fingerprint(model),
         "model": model_fingerprint(model),
-        "images": _list_fingerprint(dataset),
+        "images": list_fingerprint(dataset),
     }
     shards.fill(manifest, extract_range, progress=progress, desc=desc)
     return _finish(shards.read_all(), on_error)

@@ -1,0 +1,85 @@
+"""The images an extraction reads: a dataset that loads (and for queries crops) each image and reports,
+rather than raises, a failure; batching of equal-size images; the fingerprint of a list."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from tokenret.data.images import IMAGENET_MEAN, IMAGENET_STD, ImageLoadError, load_image, to_tensor
+
+Box = tuple[float, float, float, float]
+
+
+class ExtractionError(RuntimeError):
+    """Some images could not be read; ``failures`` maps image index -> (path, reason)."""
+
+    def __init__(self, failures: dict[int, tuple[str, str]]) -> None:
+        self.failures = failures
+        lines = [f"  {path}: {reason}" for path, reason in list(failures.values())[:20]]
+        more = f"\n  ... and {len(failures) - 20} more" if len(failures) > 20 else ""
+        super().__init__(f"{len(failures)} image(s) could not be read:\n" + "\n".join(lines) + more)
+
+
+class ImageList(Dataset):
+    """Loads (and for queries crops) images; a failure is returned, not raised, so the loop can record it."""
+
+    def __init__(
+        self,
+        paths: Sequence[str | Path],
+        boxes: Sequence[Box | None] | None,
+        max_size: int | None,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ):
+        self.paths = [str(p) for p in paths]
+        self.boxes = list(boxes) if boxes is not None else [None] * len(self.paths)
+        if len(self.boxes) != len(self.paths):
+            raise ValueError(f"{len(self.paths)} paths but {len(self.boxes)} boxes")
+        self.max_size = max_size
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
+        try:
+            image = load_image(self.paths[i], self.max_size, self.boxes[i])
+            return i, to_tensor(image, self.mean, self.std), None
+        except ImageLoadError as e:
+            return i, None, str(e.reason) if hasattr(e, "reason") else str(e)
+
+
+def equal_size_batches(
+    loader: DataLoader, batch_size: int
+) -> Iterator[tuple[list[int], torch.Tensor | None, list]]:
+    """Group loaded images of equal size into batches; failures pass through one by one."""
+    buckets: dict[tuple[int, ...], list[tuple[int, torch.Tensor]]] = {}
+    for i, tensor, error in loader:
+        if tensor is None:
+            yield [i], None, [error]
+            continue
+        bucket = buckets.setdefault(tuple(tensor.shape), [])
+        bucket.append((i, tensor))
+        if len(bucket) >= batch_size:
+            del buckets[tuple(tensor.shape)]
+            yield [j for j, _ in bucket], torch.stack([t for _, t in bucket]), []
+    for bucket in buckets.values():
+        yield [j for j, _ in bucket], torch.stack([t for _, t in bucket]), []
+
+
+def collate_one(item):
+    """A DataLoader ``collate_fn`` that passes each item through unbatched."""
+    return item
+
+
+def list_fingerprint(dataset: ImageList) -> str:
+    """sha256 over the paths and boxes of ``dataset`` (identifies cached results)."""
+    h = hashlib.sha256()
+    for p, b in zip(dataset.paths, dataset.boxes, strict=True):
+        h.update(f"{p}\t{b}\n".encode())
+    return h.hexdigest()
