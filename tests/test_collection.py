@@ -10,8 +10,10 @@ import pytest
 
 import tokenret
 from tokenret.cli import main
-from tokenret.collection import ImageIndex, IndexMismatchError
-from tokenret.collection import facade as col
+from tokenret.collection import ImageIndex, IndexMismatchError, find_images, sampled_recall
+from tokenret.collection import ann as col
+from tokenret.collection.ann import AnnCache
+from tokenret.collection.catalogue import Catalogue
 from tokenret.models.checkpoints import save_checkpoint
 
 TINY = {"backbone": "resnet18", "dim": 32, "num_heads": 4, "out_dim": 16}
@@ -100,9 +102,9 @@ def test_incremental_add_change_remove(photos, tmp_path):
 def test_interrupted_indexing_resumes_to_the_same_index(photos, tmp_path, monkeypatch):
     model = tiny_model()
     with make_index(tmp_path, model, "full") as full:
-        full.add_paths(col.find_images(photos), model, chunk=4, progress=False, **RUNTIME)
+        full.add_paths(find_images(photos), model, chunk=4, progress=False, **RUNTIME)
         full_vecs = {p: v for p, v in zip(full.paths(), _stored(full), strict=True)}
-    real = col.ImageIndex._store
+    real = Catalogue.store
     calls = []
 
     def crash_on_third(self, *args, **kwargs):
@@ -112,12 +114,12 @@ def test_interrupted_indexing_resumes_to_the_same_index(photos, tmp_path, monkey
         return real(self, *args, **kwargs)
 
     with make_index(tmp_path, model, "resumed") as index:
-        monkeypatch.setattr(col.ImageIndex, "_store", crash_on_third)
+        monkeypatch.setattr(Catalogue, "store", crash_on_third)
         with pytest.raises(KeyboardInterrupt):
-            index.add_paths(col.find_images(photos), model, chunk=4, progress=False, **RUNTIME)
+            index.add_paths(find_images(photos), model, chunk=4, progress=False, **RUNTIME)
         assert len(index) == 8  # two chunks of four were committed
-        monkeypatch.setattr(col.ImageIndex, "_store", real)
-        counts = index.add_paths(col.find_images(photos), model, chunk=4, progress=False, **RUNTIME)
+        monkeypatch.setattr(Catalogue, "store", real)
+        counts = index.add_paths(find_images(photos), model, chunk=4, progress=False, **RUNTIME)
         assert counts["unchanged"] == 8 and counts["added"] == 8
         got = {p: v for p, v in zip(index.paths(), _stored(index), strict=True)}
     assert sorted(got) == sorted(full_vecs)
@@ -302,11 +304,11 @@ def test_hnsw_backend_recall_against_exact(tmp_path):
             [len(set(a) & set(b)) / 10 for a, b in zip(ids.tolist(), want.tolist(), strict=True)]
         )
         assert recall >= 0.9
-        res = col.sampled_recall(index, k=10, n_queries=100)  # the configured backend, as searches run it
+        res = sampled_recall(index, k=10, n_queries=100)  # the configured backend, as searches run it
         assert res["spec"] == res["backend"] == "HNSW32" and res["recall"] >= 0.9
 
 
-def test_stale_ann_index_is_rebuilt_and_removed_images_never_return(tmp_path, caplog):
+def test_stale_ann_index_is_never_searched_nor_rewritten_by_a_search(tmp_path, caplog):
     x = clustered_vectors(400)
     with vector_index(tmp_path, x) as writer, ImageIndex(writer.path) as reader:
         writer.set_backend("HNSW32")
@@ -317,11 +319,19 @@ def test_stale_ann_index_is_rebuilt_and_removed_images_never_return(tmp_path, ca
         # cached FAISS index any more, nor return the removed images.
         assert writer.remove_paths(paths[:50]) == 50
         assert writer.ann_status() == "stale"
-        with caplog.at_level("WARNING", logger="tokenret.collection.facade"):
+        ann_files = {f.name: f.stat().st_mtime_ns for f in (writer.path / "ann").iterdir()}
+        with caplog.at_level("WARNING", logger="tokenret.collection.ann"):
             hits = reader.search(x[:50], 5)
-        assert "out of date" in caplog.text
+        assert "out of date" in caplog.text and "tokenret index" in caplog.text
         assert not {h.path for row in hits for h in row} & set(paths[:50])
-        assert reader.ann_index().ntotal == 350 and writer.ann_status() == "current"
+        # a search never writes: it searched exactly, the saved index is as it was, still stale
+        want_ids, _ = brute_force(reader, x[:50], 5)
+        assert [[h.id for h in row] for row in hits] == want_ids.tolist()
+        assert {f.name: f.stat().st_mtime_ns for f in (writer.path / "ann").iterdir()} == ann_files
+        assert reader.ann_index() is None and writer.ann_status() == "stale"
+        # the explicit step (what `tokenret index` runs) brings it up to date; the reader then uses it
+        assert writer.update_ann()
+        assert writer.ann_status() == "current" and reader.ann_index().ntotal == 350
         rebuilt = json.loads((writer.path / "ann" / "state.json").read_text())
         assert rebuilt["n"] == 350 and rebuilt["fingerprint"] != built["fingerprint"]
         # Additions rebuild it at their end; the reader finds the new images with no rebuild of its own.
@@ -329,7 +339,7 @@ def test_stale_ann_index_is_rebuilt_and_removed_images_never_return(tmp_path, ca
         assert add_vectors(writer, tmp_path, new, start=1000) == {"added": 20, "updated": 0}
         assert writer.ann_status() == "current"
         caplog.clear()
-        with caplog.at_level("WARNING", logger="tokenret.collection.facade"):
+        with caplog.at_level("WARNING", logger="tokenret.collection.ann"):
             first = [row[0] for row in reader.search(new, 1)]
         assert caplog.text == ""
         assert [h.path for h in first] == [str(tmp_path / "img" / f"{i:05d}.jpg") for i in range(1000, 1020)]
@@ -347,7 +357,7 @@ def test_backend_and_ann_index_survive_reopening(tmp_path, monkeypatch):
         def no_rebuild(*args):
             raise AssertionError("the saved FAISS index should have been loaded, not rebuilt")
 
-        monkeypatch.setattr(ImageIndex, "_build_ann", no_rebuild)
+        monkeypatch.setattr(AnnCache, "build", no_rebuild)
         after = index.search(x[:5], 5)
         assert [[h.id for h in r] for r in after] == [[h.id for h in r] for r in before]
         assert index.ann_index().ntotal == 300
@@ -458,7 +468,7 @@ def test_qdrant_backend_ranks_like_brute_force_and_follows_changes(tmp_path, mon
         def no_rebuild(*args):
             raise AssertionError("the Qdrant collection should have been reused")
 
-        monkeypatch.setattr(ImageIndex, "_build_ann", no_rebuild)
+        monkeypatch.setattr(AnnCache, "build", no_rebuild)
         np.testing.assert_array_equal(reopened.knn(q, 10)[1], ids)
         monkeypatch.undo()
         (reopened.path / "ann" / "state.json").unlink()  # lost track of what it holds: refilled from scratch
@@ -498,3 +508,40 @@ def test_cli_names_an_unreachable_qdrant_server_and_keeps_the_old_backend(tmp_pa
     report = json.loads(capsys.readouterr().out)
     assert report["search"]["qdrant_collection"] == col.default_qdrant_collection(path)
     assert report["search"]["ann"] == "current"
+
+
+def test_a_bound_model_is_hashed_once_and_bytes_search_like_their_file(photos, tmp_path, monkeypatch):
+    from tokenret.collection import binding
+
+    model = tiny_model()
+    ckpt = save_checkpoint(model, tmp_path / "tiny.pth")
+    with ImageIndex.create(tmp_path / "idx", model, _config(), checkpoint=ckpt) as index:
+        index.sync(photos, model, progress=False, **RUNTIME)
+    real, calls = binding.model_fingerprint, []
+    monkeypatch.setattr(binding, "model_fingerprint", lambda m: calls.append(1) or real(m))
+    with ImageIndex(tmp_path / "idx") as index:
+        loaded = index.load_model()  # what `tokenret search` does: load, check, then search
+        query = index.paths()[3]
+        by_path = index.search_images([query], loaded, k=5, **RUNTIME)[0]
+        by_bytes = index.search_images([open(query, "rb").read()], loaded, k=5, **RUNTIME)[0]
+        assert len(calls) == 1  # one hash of the weights for the load and both searches
+        assert [h.path for h in by_bytes] == [h.path for h in by_path] and by_path[0].path == query
+        np.testing.assert_allclose([h.score for h in by_bytes], [h.score for h in by_path], atol=1e-6)
+        # weights changed in place: the binding is checked again, and refuses the model
+        with torch_no_grad():
+            next(loaded.parameters()).add_(1.0)
+        with pytest.raises(IndexMismatchError, match="this model differs"):
+            index.search_images([query], loaded, k=5, **RUNTIME)
+        assert len(calls) == 2
+
+
+def _config():
+    from tokenret.extraction import ExtractionConfig
+
+    return ExtractionConfig(max_size=64, scales=(1.0,))
+
+
+def torch_no_grad():
+    import torch
+
+    return torch.no_grad()

@@ -9,21 +9,19 @@ Example:
     >>> index.sync("photos/", model)                                                       # doctest: +SKIP
 """
 
+from tokenret.collection.ann import default_qdrant_collection, qdrant_target
+from tokenret.collection.binding import ModelBinding
+from tokenret.collection.catalogue import IndexMismatchError
 from tokenret.collection.duplicates import find_duplicate_groups
-from tokenret.collection.facade import (
-    ImageIndex,
-    IndexMismatchError,
-    SearchHit,
-    default_qdrant_collection,
-    qdrant_target,
-    sampled_recall,
-)
+from tokenret.collection.facade import ImageIndex, SearchHit
+from tokenret.collection.recall import sampled_recall
 from tokenret.data.files import IMAGE_EXTENSIONS, find_images
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageIndex",
     "IndexMismatchError",
+    "ModelBinding",
     "SearchHit",
     "default_qdrant_collection",
     "find_duplicate_groups",

@@ -19,6 +19,7 @@ pixel grid because the benchmark annotation was drawn there.
 
 from __future__ import annotations
 
+import io
 import math
 import struct
 import warnings
@@ -45,6 +46,8 @@ __all__ = [
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+#: How an image given as bytes (an upload) is named in errors.
+IMAGE_DATA_NAME = "<image data>"
 
 #: Background for transparent pixels.
 BACKGROUND = (255, 255, 255)
@@ -175,7 +178,7 @@ def _orientation(img: Image.Image) -> int:
 
 
 def load_image(
-    path: str | Path,
+    path: str | Path | bytes,
     max_size: float | None = 1024,
     box: tuple[float, float, float, float] | None = None,
     *,
@@ -185,7 +188,7 @@ def load_image(
     """Load an image as RGB, optionally crop a query box, and shrink it like the Token/cirtorch test code.
 
     Args:
-        path: image file (any format Pillow reads).
+        path: image file (any format Pillow reads), or the bytes of one (an upload: decoded in memory).
         max_size: S, the bound on the longest side (database images); None keeps the full size. With a box,
             the crop is bounded by ``S * max(crop size) / max(full size)`` so it keeps its scale in the image.
         box: query box ``(x1, y1, x2, y2)`` in the stored pixel grid (right/bottom exclusive, rounded by PIL).
@@ -207,7 +210,10 @@ def load_image(
     Example:
         >>> img = load_image("q.jpg", 1024, box=(136.5, 34.1, 648.5, 955.7))  # doctest: +SKIP
     """
-    path = Path(path)
+    if isinstance(path, (bytes, bytearray)):
+        source, path = io.BytesIO(path), Path(IMAGE_DATA_NAME)
+    else:
+        source = path = Path(path)
     limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     if box is not None:
         box = tuple(float(v) for v in box)
@@ -216,7 +222,7 @@ def load_image(
         # Pillow's own over-limit warning is replaced by our error below.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as opened:
+            with Image.open(source) as opened:
                 _check_pixels(path, opened.size, limit)
                 opened.load()
                 orientation = _orientation(opened) if exif_transpose else 1

@@ -10,7 +10,14 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from tokenret.data.images import IMAGENET_MEAN, IMAGENET_STD, ImageLoadError, load_image, to_tensor
+from tokenret.data.images import (
+    IMAGE_DATA_NAME,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageLoadError,
+    load_image,
+    to_tensor,
+)
 
 Box = tuple[float, float, float, float]
 
@@ -26,17 +33,22 @@ class ExtractionError(RuntimeError):
 
 
 class ImageList(Dataset):
-    """Loads (and for queries crops) images; a failure is returned, not raised, so the loop can record it."""
+    """Loads (and for queries crops) images; a failure is returned, not raised, so the loop can record it.
+
+    Each image is a file path or the bytes of an image file (an upload, decoded in memory); ``paths`` holds
+    the names failures are reported under.
+    """
 
     def __init__(
         self,
-        paths: Sequence[str | Path],
+        paths: Sequence[str | Path | bytes],
         boxes: Sequence[Box | None] | None,
         max_size: int | None,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
     ):
-        self.paths = [str(p) for p in paths]
+        self.sources = [bytes(p) if isinstance(p, (bytes, bytearray)) else str(p) for p in paths]
+        self.paths = [IMAGE_DATA_NAME if isinstance(p, bytes) else p for p in self.sources]
         self.boxes = list(boxes) if boxes is not None else [None] * len(self.paths)
         if len(self.boxes) != len(self.paths):
             raise ValueError(f"{len(self.paths)} paths but {len(self.boxes)} boxes")
@@ -48,7 +60,7 @@ class ImageList(Dataset):
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
         try:
-            image = load_image(self.paths[i], self.max_size, self.boxes[i])
+            image = load_image(self.sources[i], self.max_size, self.boxes[i])
             return i, to_tensor(image, self.mean, self.std), None
         except ImageLoadError as e:
             return i, None, str(e.reason) if hasattr(e, "reason") else str(e)
@@ -80,6 +92,7 @@ def collate_one(item):
 def list_fingerprint(dataset: ImageList) -> str:
     """sha256 over the paths and boxes of ``dataset`` (identifies cached results)."""
     h = hashlib.sha256()
-    for p, b in zip(dataset.paths, dataset.boxes, strict=True):
-        h.update(f"{p}\t{b}\n".encode())
+    for p, b in zip(dataset.sources, dataset.boxes, strict=True):
+        name = f"bytes:{hashlib.sha256(p).hexdigest()}" if isinstance(p, bytes) else p
+        h.update(f"{name}\t{b}\n".encode())
     return h.hexdigest()

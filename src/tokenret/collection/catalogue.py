@@ -1,0 +1,274 @@
+"""The catalogue of a folder index: what is stored, where, and since when.
+
+Two files of the index directory::
+
+    meta.sqlite     settings (model, checkpoint, extraction settings, dim, backend) and one row per image:
+                    path, size, mtime, status ('ok' / 'failed'), error, row in the vector file, updated
+    vectors.f16     float16 descriptors, one row of dim values per stored image (append-only)
+
+A chunk's vectors are appended and flushed before the transaction that records them commits, so an
+interruption loses at most the chunk in progress; rows of removed or re-described images stay in the file
+as dead rows until :meth:`Catalogue.compact`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tokenret.index.exact import ExactIndex
+
+FORMAT = "tokenret-image-index-v1"
+SETTINGS_FILE = "meta.sqlite"
+VECTOR_FILE = "vectors.f16"
+#: Rows copied at a time when the vector file is rewritten.
+COPY_CHUNK = 65536
+
+
+class IndexMismatchError(RuntimeError):
+    """A query or an addition made with another model or other extraction settings than the index's."""
+
+
+class Catalogue:
+    """The SQLite catalogue and the float16 vector file of one index directory.
+
+    One SQLite connection, usable from the thread that serves a request; callers serialise access.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        db = self.path / SETTINGS_FILE
+        if not db.is_file():
+            raise FileNotFoundError(
+                f"{self.path} is not a tokenret index (no meta.sqlite); create one with "
+                "`tokenret index PHOTOS --out INDEX`"
+            )
+        self.db = sqlite3.connect(db, check_same_thread=False)
+        self.settings = self.read_settings()
+        if self.settings.get("format") != FORMAT:
+            raise IndexMismatchError(f"{db}: unknown index format {self.settings.get('format')!r}")
+        self.dim = int(self.settings["dim"])
+        self._state: tuple[int, str, int] | None = None  # (sqlite data_version, fingerprint, images)
+        self._exact: tuple[tuple, ExactIndex] | None = None  # (content and file key, index over the file)
+
+    @staticmethod
+    def create(path: Path, settings: dict[str, Any]) -> None:
+        """Write an empty catalogue with ``settings`` into the directory ``path``."""
+        db = sqlite3.connect(path / SETTINGS_FILE)
+        with db:
+            db.execute("CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            db.execute(
+                "CREATE TABLE images (id INTEGER PRIMARY KEY, path TEXT UNIQUE NOT NULL, size INTEGER, "
+                "mtime_ns INTEGER, status TEXT NOT NULL, error TEXT, row INTEGER, updated REAL)"
+            )
+            db.executemany(
+                "INSERT INTO settings VALUES (?, ?)", [(k, json.dumps(v)) for k, v in settings.items()]
+            )
+        db.close()
+        (path / VECTOR_FILE).touch()
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- settings -------------------------------------------------------------------------------
+
+    def read_settings(self) -> dict[str, Any]:
+        return {k: json.loads(v) for k, v in self.db.execute("SELECT key, value FROM settings")}
+
+    def write_settings(self, **values: Any) -> None:
+        with self.db:
+            self.db.executemany(
+                "INSERT OR REPLACE INTO settings VALUES (?, ?)",
+                [(k, json.dumps(v)) for k, v in values.items()],
+            )
+        self.settings.update(values)
+        self.changed()
+
+    def changed(self) -> None:
+        """Forget what was derived from the contents (this connection's own writes leave data_version)."""
+        self._state = None
+        self._exact = None
+
+    def content_state(self) -> tuple[str, int]:
+        """(fingerprint of the searchable image set, its size), recomputed only after a change.
+
+        The fingerprint covers the ids and when each image was last described: any addition,
+        re-description or removal changes it. SQLite's data_version tells when another connection (a
+        running ``tokenret index``, say) committed something; this connection's own writes call
+        :meth:`changed`.
+        """
+        version = self.db.execute("PRAGMA data_version").fetchone()[0]
+        if self._state is None or self._state[0] != version:
+            self.settings = self.read_settings()  # another process may have changed the backend
+            row = self.db.execute(
+                "SELECT COUNT(*), MAX(id), TOTAL(id), MAX(updated), TOTAL(updated) FROM images "
+                "WHERE status = 'ok'"
+            ).fetchone()
+            fingerprint = hashlib.sha256(json.dumps(list(row)).encode()).hexdigest()
+            self._state = (version, fingerprint, int(row[0]))
+        return self._state[1], self._state[2]
+
+    # -- contents -------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM images WHERE status = 'ok'").fetchone()[0]
+
+    def paths(self) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT path FROM images WHERE status = 'ok' ORDER BY id")]
+
+    def all_paths(self) -> list[str]:
+        """Every recorded path, failed files included."""
+        return [p for (p,) in self.db.execute("SELECT path FROM images")]
+
+    def image_path(self, image_id: int) -> str | None:
+        """Path of the searchable image with this id, None when no such image is in the index."""
+        row = self.db.execute(
+            "SELECT path FROM images WHERE id = ? AND status = 'ok'", (int(image_id),)
+        ).fetchone()
+        return row[0] if row else None
+
+    def paths_of(self, ids: Sequence[int]) -> dict[int, str]:
+        """id -> path of the searchable images among ``ids``."""
+        path_of: dict[int, str] = {}
+        for start in range(0, len(ids), 500):  # SQLite limits the parameters of one statement
+            part = list(ids[start : start + 500])
+            marks = ",".join("?" * len(part))
+            sql = f"SELECT id, path FROM images WHERE status = 'ok' AND id IN ({marks})"
+            path_of.update(self.db.execute(sql, part))
+        return path_of
+
+    def failures(self) -> list[tuple[str, str]]:
+        """(path, reason) of every file that could not be read."""
+        return list(self.db.execute("SELECT path, error FROM images WHERE status = 'failed' ORDER BY path"))
+
+    def file_stats(self) -> dict[str, tuple[int, int]]:
+        """path -> (size, mtime_ns) of every recorded file, as it was when stored."""
+        return {p: (s, m) for p, s, m in self.db.execute("SELECT path, size, mtime_ns FROM images")}
+
+    def vector_file(self, mode: str = "r") -> np.memmap | None:
+        f = self.path / VECTOR_FILE
+        rows = f.stat().st_size // (2 * self.dim)
+        if rows == 0:
+            return None
+        return np.memmap(f, dtype=np.float16, mode=mode, shape=(rows, self.dim))
+
+    def covered(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ids, rows, updated) of the searchable images, in row order, read at one moment (one query)."""
+        got = list(self.db.execute("SELECT id, row, updated FROM images WHERE status = 'ok' ORDER BY row"))
+        ids = np.array([g[0] for g in got], dtype=np.int64)
+        rows = np.array([g[1] for g in got], dtype=np.int64)
+        return ids, rows, np.array([g[2] for g in got], dtype=np.float64)
+
+    def vectors(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(memory-mapped vector file, ids of stored images, their rows in the file)."""
+        ids, rows, _ = self.covered()
+        return self.vector_file(), ids, rows
+
+    def exact_index(self, in_memory: bool = False) -> ExactIndex:
+        """An exact search index over the stored vectors, read in place from the memory-mapped file (or,
+        ``in_memory``, from a copy: single queries then use FAISS's fused float16 scan)."""
+        fingerprint, _ = self.content_state()
+        st = (self.path / VECTOR_FILE).stat()
+        key = (fingerprint, st.st_ino, st.st_size, st.st_mtime_ns, in_memory)
+        if self._exact is not None and self._exact[0] == key:
+            return self._exact[1]
+        vecs, ids, rows = self.vectors()
+        if vecs is None or len(ids) == 0:
+            index = ExactIndex(self.dim)
+        else:
+            row_ids = np.full(len(vecs), -1, dtype=np.int64)
+            alive = np.zeros(len(vecs), dtype=bool)
+            row_ids[rows], alive[rows] = ids, True  # rows of removed or re-described images stay dead
+            index = ExactIndex.from_arrays(vecs, row_ids, alive)
+            if in_memory:
+                index = index.in_memory()
+        self._exact = (key, index)
+        return index
+
+    # -- changing ------------------------------------------------------------------------------
+
+    def remove_paths(self, paths: Iterable[str | Path]) -> int:
+        """Drop images (their vector rows become dead rows, reclaimed by :meth:`compact`)."""
+        keys = [(str(Path(p).resolve()),) for p in paths]
+        with self.db:
+            before = self.db.total_changes
+            self.db.executemany("DELETE FROM images WHERE path = ?", keys)
+            removed = self.db.total_changes - before
+        self.changed()
+        return removed
+
+    def store(
+        self,
+        part: Sequence[tuple[Path, tuple[int, int] | None, str | None]],
+        descriptors: np.ndarray,
+        failures: dict[int, tuple[str, str]],
+        known: dict[str, tuple[int, int]],
+        counts: dict[str, int],
+    ) -> None:
+        """Append a chunk's vectors (flushed to disk), then record the chunk in one transaction.
+
+        Args:
+            part: (path, (size, mtime_ns) or None, error or None) of each file of the chunk; the files
+                without an error went through extraction, in order, as the rows of ``descriptors``.
+            descriptors: one row per file without an error.
+            failures: extraction failures, by row of ``descriptors``.
+            known: :meth:`file_stats` before the chunk (tells added from updated).
+            counts: "added", "updated", "failed" counters, incremented here.
+        """
+        readable = sum(1 for t in part if t[2] is None)
+        ok = [i for i in range(readable) if i not in failures]
+        vf = self.path / VECTOR_FILE
+        first_row = vf.stat().st_size // (2 * self.dim)
+        if ok:
+            with open(vf, "r+b") as f:
+                f.truncate(first_row * 2 * self.dim)  # drop a torn tail left by an interrupted write
+                f.seek(0, os.SEEK_END)
+                f.write(np.asarray(descriptors)[ok].astype(np.float16).tobytes())
+                f.flush()
+                os.fsync(f.fileno())
+        row_of = {i: first_row + j for j, i in enumerate(ok)}
+        now, records, r = time.time(), [], 0
+        for p, stat, error in part:
+            size, mtime = stat if stat else (None, None)
+            row = None
+            if error is None:  # this file went through extraction as row r
+                if r in failures:
+                    error = failures[r][1]
+                else:
+                    row = row_of[r]
+                r += 1
+            status = "ok" if error is None else "failed"
+            records.append((str(p), size, mtime, status, error, row, now))
+            counts["failed" if error else "updated" if str(p) in known else "added"] += 1
+        with self.db:
+            self.db.executemany(
+                "INSERT INTO images (path, size, mtime_ns, status, error, row, updated) "
+                "VALUES (?,?,?,?,?,?,?) ON CONFLICT(path) DO UPDATE SET size=excluded.size, "
+                "mtime_ns=excluded.mtime_ns, status=excluded.status, error=excluded.error, "
+                "row=excluded.row, updated=excluded.updated",
+                records,
+            )
+        self.changed()
+
+    def compact(self) -> None:
+        """Rewrite the vector file without the rows of removed or re-described images."""
+        vecs, ids, rows = self.vectors()
+        tmp = self.path / (VECTOR_FILE + ".tmp")
+        with open(tmp, "wb") as f:
+            for start in range(0, len(rows), COPY_CHUNK):
+                f.write(np.asarray(vecs[rows[start : start + COPY_CHUNK]], dtype=np.float16).tobytes())
+        os.replace(tmp, self.path / VECTOR_FILE)
+        with self.db:
+            self.db.executemany(
+                "UPDATE images SET row = ? WHERE id = ?",
+                [(int(r), int(i)) for r, i in zip(range(len(ids)), ids, strict=True)],
+            )
+        self.changed()
