@@ -64,22 +64,26 @@ class ExtractionConfig:
         batch_size: images of equal size run together (results equal one-by-one in eval mode).
         num_workers: DataLoader processes that decode images.
         amp: "off", "bf16" (CPU or GPU) or "fp16" (GPU only) autocast for the forward pass.
-        channels_last: NHWC memory format (1.3-1.9x faster convolutions on CPU and GPU).
+        channels_last: NHWC memory format, the layout oneDNN's and cuDNN's fastest convolution kernels read
+            directly (no reorder per layer).
         fold_batchnorm: run an inference copy with BatchNorms folded into the convolutions (same
-            descriptors to float rounding; about 1.2x faster end to end on CPU, see ``tokenret.models.fuse``).
+            descriptors to float rounding; one pass over each feature map less per BatchNorm, see
+            ``tokenret.models.fuse``).
         fuse_activations: on CPU in float32 (amp "off"), also run each ReLU and residual add of the folded
-            copy as a post-op of the oneDNN convolution before it (same results; ~1.05-1.09x on the trunk).
-        compile: also ``torch.compile`` the copy's trunk (dynamic shapes, weights frozen into the graph): a
-            one-off compilation (about a minute on a 2-core CPU, kept for later calls with the same weights),
-            then ~1.15x faster on CPU; needs a C++ compiler.
+            copy as a post-op of the oneDNN convolution before it (same results; those feature maps are not
+            read and written once more).
+        compile: also ``torch.compile`` the copy's trunk (dynamic shapes, weights frozen into the graph so
+            inductor pre-packs them): a one-off compilation, kept for later calls with the same weights,
+            that pays off only over many images; needs a C++ compiler (measured: bench/README.md,
+            "extract").
         streams: CPU only: batches run by this many threads at once, torch's threads shared out among them
             (2 streams x 1 thread instead of 1 x 2: each convolution's thread team waits less for the
             slowest thread; same descriptors to float rounding). 0 (default) picks 2 when torch has 2 or
             more threads, else 1; 1 turns it off. Always 1 on GPU and with ``compile``.
         winograd: with ``fuse_activations``, a stream running on one torch thread (the default on a 2-core
             CPU) computes the ResNet blocks' 3x3 stride-1 convolutions with NNPACK's fast kernels (fewer
-            multiplies; 1.15-2.6x faster per convolution, 1.10-1.13x end to end for token_r101 on the
-            development CPU). The trunk's features then differ from oneDNN's by float32 rounding (relative
+            multiplies than oneDNN's direct convolution; measured: bench/README.md, "extract"). The
+            trunk's features then differ from oneDNN's by float32 rounding (relative
             ~1e-5; descriptors within cosine 0.99999). Off where NNPACK is missing or fails its check. With
             more threads than streams it is not used; ``streams`` equal to torch's thread count gets it on
             larger CPUs (not measured there; one batch in memory per stream).
@@ -241,8 +245,8 @@ def inference_network(model: nn.Module, config: ExtractionConfig) -> nn.Module:
             network = copy.deepcopy(model)
         trunk = getattr(network, "backbone", None)
         # "freezing": the weights are constants of the compiled graph (the copy is for inference only), so
-        # inductor pre-packs them for oneDNN's convolutions: 1.16x on token_r101's trunk on a 2-vCPU Zen 4,
-        # where compiling without it gained nothing (bench/README.md "extract")
+        # inductor pre-packs them for oneDNN's convolutions; compiling without it gained nothing on the
+        # trunk (bench/README.md, "extract")
         options = {"freezing": True}
         if isinstance(trunk, nn.Module):
             network.backbone = torch.compile(trunk, dynamic=True, options=options)

@@ -66,10 +66,10 @@ class LocalExtractionConfig:
         fast_trunk: on CPU, run the model's trunk (``model.features``) as an inference copy: BatchNorms
             folded, ReLUs and residual adds fused into oneDNN's convolutions, channels_last, and NNPACK's
             3x3 convolutions in one-thread streams (as :func:`tokenret.extraction.inference_network` does for
-            global descriptors). The same features are selected and their values agree to float rounding
-            (relative ~1e-6); 1.54x faster for HOW R50 at its 7 scales on the development CPU
-            (bench/README.md, "extract_local"). None (default): on, except with ``dtype="float32"``,
-            which asks for the extractor's own values.
+            global descriptors), for the same gains as there (measured: bench/README.md,
+            "extract_local"). The same features are selected and their values agree to
+            float rounding (relative ~1e-6). None (default): on, except with ``dtype="float32"``, which
+            asks for the extractor's own values.
     """
 
     max_size: int | None = 1024

@@ -15,8 +15,8 @@ from torch import nn
 class LastCopy:
     """The last inference copy made from a model, kept with a weak reference to that model and a key (its
     weights' state and the settings the copy depends on): consecutive extractions with the same model and
-    weights (database then queries, every query of a server) reuse it instead of copying (~0.4 s for
-    ResNet-101) or compiling (a minute) again."""
+    weights (database then queries, every query of a server) reuse it instead of copying all of the
+    weights, or compiling, once per call."""
 
     def __init__(self) -> None:
         self._made_from: Any = None

@@ -35,7 +35,8 @@ def check_streams(streams: int) -> None:
 
 def resolve_streams(streams: int, device: torch.device) -> int:
     """Concurrent forward passes on ``device``: 1 off the CPU; ``streams`` if set; else 2 when torch has 2 or
-    more threads (measured: 2 streams x 1 thread beat 1 x 2 threads on a 2-core CPU), else 1."""
+    more threads (one stream's convolutions wait for their slowest thread, two streams do not; measured:
+    bench/README.md, "extract"), else 1."""
     check_streams(streams)
     if device.type != "cpu":
         return 1

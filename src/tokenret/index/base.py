@@ -218,7 +218,7 @@ def sort_results(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarra
     # padding ids -1 would sort before real ids among -inf scores; send them last
     tie_key = np.where(ids < 0, np.iinfo(np.int64).max, ids)
     order = np.lexsort((tie_key, -scores), axis=-1)[:, :k]
-    rows = np.arange(nq)[:, None]  # plain fancy indexing: take_along_axis costs ~10x more on small arrays
+    rows = np.arange(nq)[:, None]  # plain fancy indexing: take_along_axis has more overhead on small arrays
     scores = scores[rows, order]
     ids = ids[rows, order]
     if m < k:

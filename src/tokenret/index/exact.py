@@ -42,8 +42,7 @@ from tokenret.index.base import (
 )
 
 #: Default rows upcast to float32 at a time: 1024 x 1024-d is 4 MB, which stays in the L3 cache
-#: between the upcast and the product (4096- and 16384-row chunks measured 1.2-3x slower on a
-#: 2-vCPU Zen 4 VM).
+#: between the upcast and the product; larger chunks fall out of it (measured: bench/README.md, "search").
 DEFAULT_CHUNK_SIZE = 1024
 #: Default queries scored in one pass over the data (bounds the score buffer per pass).
 DEFAULT_QUERY_BLOCK = 1024
@@ -55,8 +54,8 @@ _MAX_SELECT_ROWS = 1 << 16
 _MERGE_WIDTH_FACTOR = 16
 
 #: Up to this many queries, a search scans the float16 rows with FAISS's scalar-quantizer kernel, which
-#: converts inside its dot-product loop: one memory pass at ~1.6x its bandwidth time, against ~2.4x for
-#: upcast chunks + BLAS (262k x 1024, 1 thread; bench/README.md "search"). From a few queries on, BLAS wins.
+#: converts inside its dot-product loop (one memory pass, no separate upcast pass as with chunks + BLAS);
+#: it has no matrix product, so from a few queries on BLAS wins (measured: bench/README.md, "search").
 FAISS_SCAN_MAX_QUERIES = 2
 #: The float16 scan of a single query is split over torch's threads once each gets this many rows.
 PARALLEL_SCAN_MIN_ROWS = 1 << 16
@@ -517,8 +516,8 @@ class _RunningTopK:
         """Take a (rows, queries) block of scores of the rows ``ids`` (the layout the products fill).
 
         The first block goes through a full top-k selection; after it, a comparison with each query's
-        k-th best so far keeps only the few scores that can still enter (a pass over the block instead of
-        a top-k over its transposed, strided view: 2x less time for this step). Same result: ties at the
+        k-th best so far keeps only the few scores that can still enter (a contiguous pass over the block
+        instead of a top-k over its transposed, strided view). Same result: ties at the
         threshold are kept, and the final selection orders by (score, id) as before."""
         if self._threshold is None:
             self.push(block_scores.T, ids)

@@ -68,11 +68,11 @@ def is_exact_spec(spec: str) -> bool:
 def choose_index_spec(n: int, dim: int) -> str:
     """Pick an index spec for ``n`` vectors of size ``dim``: exact up to 200k, IVF-PQ above.
 
-    Rationale: up to ~200k descriptors an exact fp16 scan is cheap (400 MB, tens of ms per query
-    for 1024-d on 2 cores) and always right; above that, :func:`ivf_pq_spec` keeps memory under
+    Rationale: up to ~200k descriptors an exact fp16 scan (400 MB for 1024-d) is quick enough for
+    interactive search and always right; above that, :func:`ivf_pq_spec` keeps memory under
     100 B per image. ``HNSW32`` stores full fp32 vectors plus its graph (over 4 KB per 1024-d
     image) and needed efSearch > 512 for recall 0.95 at 1M, so it is not the default.
-    Measurements: bench/README.md.
+    Measurements: bench/README.md, "search".
 
     Example:
         >>> choose_index_spec(50_000, 1024)
@@ -90,11 +90,12 @@ def choose_index_spec(n: int, dim: int) -> str:
 def ivf_pq_spec(n: int, dim: int) -> str:
     """The IVF-PQ spec for ``n`` vectors: ``IVF{nlist}_HNSW32,PQ{m}x4fs``.
 
-    nlist ~ 4 sqrt(n) rounded to a power of two; an HNSW graph over the centroids (a flat scan of
-    4096 x 1024-d centroids alone costs ~2 ms per query); m = dim/8 four-bit codes (64 B for
+    nlist ~ 4 sqrt(n) rounded to a power of two; an HNSW graph over the centroids (a flat scan
+    reads all 4096 x 1024-d centroids, 16 MB, for every query); m = dim/8 four-bit codes (64 B for
     1024-d) searched with FAISS's SIMD "fast scan": the same recall as dim/16 eight-bit codes on
-    clustered descriptors (0.71 at 1M) in a third of the time. PQ alone only reaches recall@100 ~0.7
-    there: build with ``refine_factor`` (exact re-ranking against float16 vectors) for 0.95-0.98.
+    clustered descriptors (0.71 at 1M), with codes compared in SIMD registers instead of table
+    look-ups. PQ alone only reaches recall@100 ~0.7 there: build with ``refine_factor`` (exact
+    re-ranking against float16 vectors) for 0.95-0.98. Measurements: bench/README.md, "search".
 
     Example:
         >>> ivf_pq_spec(200_000, 1024)

@@ -8,9 +8,9 @@ in ``IndexIDMap2`` so results carry the caller's int64 ids. Untrained indexes tr
 With ``refine_factor=f`` the index also keeps every vector in float16 (an :class:`ExactIndex`,
 memory-mapped from disk after ``load``), fetches ``ceil(f * k)`` candidates from FAISS and
 re-ranks them by exact inner product: PQ's approximate scores then only have to get the right
-vectors into the candidate list. On clustered 1024-d data, IVF-PQ64 recall@100 went from 0.70-0.75
-to 0.98-0.99 with ``refine_factor=8`` at ~1-2 ms per query (bench/README.md). The on-disk float16
-copy (2 KB per 1024-d vector) is only paged in where candidates fall.
+vectors into the candidate list, which lifts recall above what the codes alone can reach, at the
+cost of gathering and scoring the candidates' rows (recall and times: bench/README.md, "search").
+The on-disk float16 copy (2 KB per 1024-d vector) is only paged in where candidates fall.
 
 faiss is optional: it is imported when a FAISS index is first made or loaded, with an error
 saying ``pip install faiss-cpu`` when it is missing.
@@ -39,7 +39,7 @@ from tokenret.index.base import (
 from tokenret.index.exact import ExactIndex
 
 #: faiss-cpu 1.15's default ``distance_compute_blas_threshold`` (128000) sends flat searches of
-#: fewer queries than that through a non-BLAS loop, ~4x slower for tens of queries; this value
+#: fewer queries than that through a non-BLAS loop, far slower for tens of queries; this value
 #: lets BLAS handle any batch of 20 or more. It is a process-wide faiss setting.
 BLAS_THRESHOLD = 20
 #: Default IVF lists visited per query (faiss's own default, 1, misses most neighbours).
@@ -151,7 +151,7 @@ class FaissIndex(VectorIndex):
         self.nlist = int(ivf.nlist) if ivf is not None else 0
         self._ids = np.empty(0, np.int64)
         # plain numpy rows (no FAISS scan storage): numpy's large allocations get transparent huge pages,
-        # which roughly halves the cost of gathering scattered candidate rows (TLB misses)
+        # so gathering scattered candidate rows takes fewer TLB misses
         self._store = ExactIndex(self.dim, faiss_scan=False) if self._refine_factor is not None else None
         self._nprobe: int | None = None
         self._efSearch: int | None = None
@@ -329,7 +329,8 @@ class FaissIndex(VectorIndex):
 
     def _search_one_thread(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Search without an OpenMP team: IVF and HNSW split work by query, so one query runs on one
-        thread anyway, and the team's fork/join cost ~0.5 ms (far more on a busy CPU)."""
+        thread anyway, and the team's fork/join would be a large share of a sub-millisecond query
+        (more so on a busy CPU)."""
         faiss = self._faiss
         threads = faiss.omp_get_max_threads()  # per calling thread in OpenMP
         faiss.omp_set_num_threads(1)
@@ -436,7 +437,7 @@ def _skip_polysemous_training(faiss: Any, index: Any) -> None:
     """Switch off polysemous training of PQ codes, which index_factory turns on.
 
     It reorders each codebook by simulated annealing so that codes can be compared by Hamming
-    distance (polysemous search, unused here) and makes training ~10x slower.
+    distance (polysemous search, unused here) and makes training far slower.
     """
     index = faiss.downcast_index(index)
     if hasattr(index, "do_polysemous_training"):

@@ -2,9 +2,8 @@
 
 In eval mode a BatchNorm is a per-channel affine map, so ``bn(conv(x))`` equals one convolution with
 scaled weights and a shifted bias. Folding removes a full read and write of every feature map per
-BatchNorm (ResNet-101 has 104 of them); on the development CPU (2 threads, channels_last, 1024x768) the
-trunk ran about 1.5x faster folded (see bench/README.md, "extract"). Descriptors agree with the unfolded
-model to float32 rounding (relative 1e-6).
+BatchNorm (ResNet-101 has 104 of them), memory-bound passes that cost real time on CPU (measured:
+bench/README.md, "extract"). Descriptors agree with the unfolded model to float32 rounding (relative 1e-6).
 
 Only pairs whose order of execution is certain are folded: consecutive ``Conv2d`` -> ``BatchNorm2d`` in an
 ``nn.Sequential``, and ``conv{i}`` -> ``bn{i}`` in torchvision's ResNet blocks. Anything else is left as is.
@@ -13,17 +12,17 @@ On CPU, :func:`fuse_activations` goes one step further on a folded copy: each Re
 and each residual "add, then ReLU" at the end of a ResNet block, becomes a post-op of the oneDNN
 convolution before it (``torch.ops.mkldnn._convolution_pointwise``, the kernels inductor uses for the same
 fusion), so these feature maps are not read and written once more. Same results (oneDNN applies the
-post-ops to the same accumulators); about 1.05-1.09x on token_r101's trunk at 1024 px on 2 threads.
+post-ops to the same accumulators).
 
 With ``winograd=True``, the 3x3 stride-1 convolutions of the fused blocks (ResNet's ``conv2``) go through
 NNPACK's fast-convolution kernels (``torch._nnpack_spatial_convolution``: Winograd-type transforms, fewer
 multiplies than a direct convolution) whenever the calling thread runs torch with one thread, as each CPU
-extraction stream does on a 2-core machine. Per convolution 1.15-2.6x faster than oneDNN's on the
-development CPU (AVX2, one thread), 1.2x on token_r101's trunk and 1.10-1.13x end to end (bench/README.md,
-"extract"); the trunk's outputs differ from oneDNN's by float32 rounding of the transforms (relative
-~1e-5). NNPACK takes NCHW images one at a time (its batched path was slower and less exact), so a
-channels_last feature map is transposed there and back (a 2-D blocked copy). With more threads per caller
-the oneDNN kernel runs (NNPACK's own thread pool fought OpenMP's threads: slower there).
+extraction stream does on a 2-core machine. Once oneDNN's direct convolutions run at the CPU's multiply
+rate, fewer multiplies are the remaining fp32 gain (measured: bench/README.md, "extract"); the trunk's
+outputs differ from oneDNN's by float32 rounding of the transforms (relative ~1e-5). NNPACK takes NCHW
+images one at a time (its batched path was slower and less exact), so a channels_last feature map is
+transposed there and back (a 2-D blocked copy). With more threads per caller the oneDNN kernel runs
+(NNPACK's own thread pool and OpenMP's threads wait on each other).
 
 Example:
     >>> model = tokenret.create_model("token_r101").eval()                               # doctest: +SKIP
@@ -154,7 +153,8 @@ def _winograd_eligible(conv: nn.Module) -> bool:
 
 def _nnpack(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """conv(x) by NNPACK for one NCHW-contiguous image (1, C, H, W). NNPACK reads the weight as NCHW: a
-    network moved to channels_last has channels_last weights, copied here (a few MB, under 2% of the call)."""
+    network moved to channels_last has channels_last weights, copied here (a few MB, small beside the
+    convolution itself)."""
     return torch._nnpack_spatial_convolution(x, conv.weight.contiguous(), conv.bias, list(conv.padding))
 
 
@@ -166,7 +166,7 @@ def winograd_conv_relu(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     out = torch.empty((n, c, h, w), dtype=x.dtype, memory_format=torch.channels_last if nhwc else None)
     for i in range(n):
         xi = x[i : i + 1]
-        if nhwc:  # (H*W, C) rows -> (C, H*W): a 2-D transpose, about 2x faster than .contiguous() here
+        if nhwc:  # (H*W, C) rows -> (C, H*W): a 2-D blocked transpose, cheaper than .contiguous() here
             flat = torch.empty((1, x.shape[1], h, w), dtype=x.dtype)
             flat.view(x.shape[1], h * w).copy_(x[i].permute(1, 2, 0).reshape(h * w, -1).t())
             xi = flat
