@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import io
 import json
+import tempfile
 import threading
 import urllib.error
 import urllib.request
+from importlib import resources
 
 import numpy as np
 import pytest
@@ -179,3 +181,27 @@ def test_health_and_page(server):
     assert b'<input type="file" name="image"' in page and b'fetch("/search"' in page
     status, answer, _ = call(server, "/nowhere")
     assert status == 404 and "/health" in answer["error"]
+
+
+def test_page_is_the_package_data_file(server):
+    """GET / serves static/index.html as shipped in the package (what pyproject's package-data installs)."""
+    from tokenret.serve.page import PAGE_RESOURCE, index_html
+
+    shipped = resources.files("tokenret.serve").joinpath(PAGE_RESOURCE)
+    assert shipped.is_file() and PAGE_RESOURCE == "static/index.html"
+    status, page, headers = call(server, "/")
+    assert status == 200 and headers.get_param("charset") == "utf-8"
+    assert page == shipped.read_bytes() == index_html()
+    assert page.decode("utf-8").startswith("<!doctype html>") and page.rstrip().endswith(b"</html>")
+
+
+def test_search_decodes_the_upload_in_memory(server, tmp_path, monkeypatch):
+    """Searches write no temporary file: with no usable temporary folder they still answer, as before."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-such-folder"))
+    with pytest.raises(FileNotFoundError):
+        tempfile.mkdtemp()
+    good = photo(server, 4).read_bytes()
+    status, answer, _ = call(server, "/search?k=1", good, "image/png")
+    assert status == 200 and answer["results"][0]["path"] == str(photo(server, 4).resolve())
+    status, answer, _ = call(server, "/search", good[: len(good) // 3], "image/png")
+    assert status == 400 and "not a readable image" in answer["error"]
