@@ -35,7 +35,8 @@ import tokenret
 from tokenret.data.folders import LabelledImages
 from tokenret.models.token import Attention
 from tokenret.train.config import load_config
-from tokenret.train.loop import TrainData, Trainer
+from tokenret.train.data import TrainData
+from tokenret.train.loop import Trainer
 
 
 class ReleaseAttention(nn.Module):

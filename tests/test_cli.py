@@ -1,15 +1,103 @@
-"""The `tokenret` command line: models and info."""
+"""The `tokenret` command line: its parser (every subcommand, the shared argument groups), models, info,
+index, search and serve."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
 import torch
 
 import tokenret
 from release_reference import randomize_state
-from tokenret.cli import main
+from tokenret.cli import build_parser, local_config_from_args, main, runtime_from_args
 from tokenret.models import checkpoints as ck
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _subcommands() -> dict[str, argparse.ArgumentParser]:
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(sub.choices)
+
+
+def test_every_subcommand_has_help(capsys):
+    names = list(_subcommands())
+    assert {"models", "info", "evaluate", "show-results", "extract-local", "delf-pca", "codebook"} <= set(
+        names
+    )
+    assert {"index", "search", "show", "duplicates", "serve", "train"} <= set(names)
+    for name in names:
+        with pytest.raises(SystemExit) as exc:
+            main([name, "--help"])
+        assert exc.value.code == 0
+        assert f"usage: tokenret {name}" in capsys.readouterr().out
+
+
+# The minimal argv of each command that extracts descriptors.
+EXTRACTING = {
+    "evaluate": ["evaluate", "--data-root", "D"],
+    "index": ["index", "PHOTOS", "--out", "I"],
+    "extract-local": ["extract-local", "--local", "how_r18", "--images", "IMAGES", "--out", "OUT"],
+    "search": ["search", "I", "q.jpg"],
+    "show": ["show", "I", "q.jpg"],
+}
+
+
+def test_commands_that_extract_share_the_run_time_flags_and_defaults():
+    parser = build_parser()
+    for name, argv in EXTRACTING.items():
+        default = runtime_from_args(parser.parse_args(argv))
+        assert default == {
+            "batch_size": 8,
+            "num_workers": 2,
+            "device": None,
+            "streams": 0,
+            "winograd": True,
+        }, name
+        argv = [
+            *argv,
+            "--batch-size",
+            "3",
+            "--workers",
+            "0",
+            "--streams",
+            "1",
+            "--device",
+            "cpu",
+            "--no-winograd",
+        ]
+        given = runtime_from_args(parser.parse_args(argv))
+        assert given == {
+            "batch_size": 3,
+            "num_workers": 0,
+            "device": "cpu",
+            "streams": 1,
+            "winograd": False,
+        }, name
+    for name in ("evaluate", "index", "extract-local"):  # the commands that choose how images are sized
+        args = parser.parse_args(EXTRACTING[name])
+        assert (args.max_size, args.scales) == (1024, None), name
+    # local extraction takes the same flags as global extraction
+    config = local_config_from_args(parser.parse_args([*EXTRACTING["extract-local"], "--streams", "1"]))
+    assert (config.max_size, config.num_workers, config.streams, config.device) == (1024, 2, 1, None)
+
+
+def test_the_parser_imports_no_job():
+    """`tokenret --help` stays quick: the training engine, the folder index and FAISS load with their job."""
+    code = (
+        "import sys, tokenret.cli; tokenret.cli.build_parser(); jobs = ('tokenret.train', "
+        "'tokenret.collection', 'faiss'); print(sorted(m for m in sys.modules if m.startswith(jobs)))"
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]"
 
 
 def test_models_lists_the_registry(capsys):

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tokenret.train import command
+from tokenret.cli import train as command
 from tokenret.train.config import (
     ConfigError,
     OptimConfig,
@@ -203,10 +203,11 @@ def test_add_parser_registers_train_on_any_cli():
     assert args.resume_from == "runs/x/last.pth" and args.resume is False
 
 
+@pytest.mark.slow
 def test_module_entry_point_runs():
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
     res = subprocess.run(
-        [sys.executable, "-m", "tokenret.train.command", "train", "--print-config", "train.epochs=3"],
+        [sys.executable, "-m", "tokenret.cli", "train", "--print-config", "train.epochs=3"],
         capture_output=True,
         text=True,
         env=env,

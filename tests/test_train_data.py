@@ -19,7 +19,7 @@ from tokenret.data.folders import (
 )
 from tokenret.data.gldv2 import gldv2_image_path, read_gldv2, release_split
 from tokenret.train.config import load_config
-from tokenret.train.loop import load_training_data
+from tokenret.train.data import load_training_data
 
 
 def _save(path, seed=0, size=(40, 30)):

@@ -19,7 +19,8 @@ from torch import nn
 
 from tokenret.train.config import load_config
 from tokenret.train.distributed import CPUSyncBatchNorm, GlobalBatchSampler, convert_sync_batchnorm
-from tokenret.train.loop import HookBase, Trainer
+from tokenret.train.hooks import HookBase
+from tokenret.train.loop import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 3
@@ -112,6 +113,7 @@ def _env() -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow
 def test_two_ranks_hold_identical_weights_equal_to_one_process_on_the_combined_batch(tmp_path):
     data = tmp_path / "data"
     write_class_folders(data, n_landmarks=4, views=6, size=40, seed=3)  # 24 images: 3 global batches of 8

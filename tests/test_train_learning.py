@@ -11,14 +11,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from synthetic_landmarks import write_class_folders, write_revisited_benchmark
 
 import tokenret
+from tokenret.cli import train as command
 from tokenret.data.revisited import RevisitedDataset
 from tokenret.evaluate import compute_revisited_map, ranks_from_scores
 from tokenret.extraction import ExtractionConfig, extract_descriptors
-from tokenret.train import command
 from tokenret.train.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,6 +38,7 @@ def retrieval_map(model, ds: RevisitedDataset) -> float:
     return compute_revisited_map(ranks_from_scores(db.descriptors @ q.descriptors.T), ds.gnd)["medium"]["map"]
 
 
+@pytest.mark.slow
 def test_training_on_synthetic_landmarks_improves_retrieval_of_unseen_ones(tmp_path, capsys):
     write_class_folders(tmp_path / "train", n_landmarks=50, views=10, size=64, seed=0)
     write_revisited_benchmark(tmp_path / "bench", "synth", n_landmarks=30, db_views=5, size=64, seed=1)

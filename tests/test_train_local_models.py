@@ -7,9 +7,9 @@ import pytest
 import torch
 from synthetic_landmarks import write_class_folders
 
+from tokenret.cli import train as command
 from tokenret.data.images import load_image, to_tensor
 from tokenret.models import local as local_models
-from tokenret.train import command
 from tokenret.train.config import ConfigError, load_config
 
 
@@ -89,7 +89,8 @@ def test_how_reduction_starts_as_pca_whitening_of_the_first_training_images_and_
     import copy
 
     from tokenret.models.how import learn_dim_reduction
-    from tokenret.train.loop import HookBase, Trainer
+    from tokenret.train.hooks import HookBase
+    from tokenret.train.loop import Trainer
 
     root = tmp_path / "landmarks"
     write_class_folders(root, n_landmarks=3, views=4, size=160, seed=3)  # 25 features per image

@@ -12,7 +12,8 @@ from torch import nn
 import tokenret
 from tokenret.models import checkpoints as ck
 from tokenret.train.config import load_config
-from tokenret.train.loop import HookBase, Trainer
+from tokenret.train.hooks import HookBase
+from tokenret.train.loop import Trainer
 
 TINY = "{backbone: resnet18, dim: 32, num_heads: 4, out_dim: 16}"  # dropout and drop-path stay at 0.1
 
@@ -58,6 +59,7 @@ def _weights(trainer: Trainer) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
 
 
+@pytest.mark.slow
 def test_resumed_run_equals_uninterrupted_run_bit_for_bit(images, tmp_path):
     full = Trainer(_config(images, tmp_path / "full"))
     full.train()
@@ -168,7 +170,7 @@ def test_gradient_accumulation_equals_the_whole_batch_at_once(images, tmp_path):
 
 
 def test_cli_resume_continues_a_stopped_run_with_its_saved_config(images, tmp_path, capsys):
-    from tokenret.train import command
+    from tokenret.cli import train as command
 
     out = tmp_path / "cli"
     assert command.main(["train", *_overrides(images, out, "train.stop_after_steps=3")]) == 0

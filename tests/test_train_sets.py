@@ -18,12 +18,13 @@ import pytest
 import torch
 
 import tokenret
+from tokenret.cli import train as command
 from tokenret.data.local_sets import LocalSetDataset, read_local_sets
 from tokenret.data.local_store import LocalDescriptorStore, pad_sets
 from tokenret.evaluate import compute_revisited_map, ranks_from_scores
-from tokenret.train import command
 from tokenret.train.config import ConfigError, load_config
-from tokenret.train.loop import Trainer, load_training_data
+from tokenret.train.data import load_training_data
+from tokenret.train.loop import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "token_set_how_r50_gldv2.yaml"
@@ -105,6 +106,7 @@ TINY_KWARGS = (
 )
 
 
+@pytest.mark.slow
 def test_training_on_synthetic_sets_improves_retrieval_of_unseen_classes(tmp_path, capsys):
     """60 classes x 8 sets train (val_fraction 0.2: 7 train + 1 held-out each), 156 steps of 32 sets;
     test: 30 other classes, 1 query + 5 database sets each.
@@ -171,7 +173,7 @@ def test_empty_sets_are_left_out_with_a_count_and_ids_select_the_validation_spli
         f"data.root={root}",
         "val.retrieval_datasets=[]",
     ]
-    with caplog.at_level(logging.WARNING, logger="tokenret.train.loop"):
+    with caplog.at_level(logging.WARNING, logger="tokenret.train.data"):
         data = load_training_data(load_config(None, [*base, "data.val_fraction=0.25"]))
     assert "3 of 12 set(s) have no descriptor" in caplog.text
     assert len(data.train) + len(data.val) == 9 and data.num_classes == 3
@@ -297,6 +299,7 @@ def test_config_refuses_retrieval_validation_and_mismatched_data_for_set_models(
         assert cfg.val.retrieval_datasets == []
 
 
+@pytest.mark.slow
 def test_two_ranks_train_a_set_model_like_one_process_on_the_combined_batch(tmp_path):
     """DDP + synchronised BatchNorm (the head's BatchNorm2d/1d over real descriptors only) under torchrun
     (gloo, CPU): as tests/test_train_distributed.py does for images, on float64 weights."""

@@ -1,0 +1,323 @@
+"""What the ``tokenret`` subcommands share: argument groups defined once, the objects built from them, and
+the error handling that turns a user's mistake into one line and exit status 2.
+
+Every command that extracts descriptors takes the same flags with the same defaults:
+
+* :func:`add_model_arguments`: the global model (``--model``, ``--checkpoint``/``--pretrained``,
+  ``--model-arg``).
+* :func:`add_image_arguments`: how images are sized (``--max-size``, ``--scales``).
+* :func:`add_network_arguments`: how the global network runs (``--amp``, ``--compile``).
+* :func:`add_runtime_arguments`: how the work is run, never what it computes (``--batch-size``,
+  ``--workers``, ``--streams``, ``--device``, ``--no-winograd``).
+* :func:`add_extraction_arguments`: the last three together, for commands that choose their own settings.
+* :func:`add_local_arguments` and :func:`add_aggregator_arguments`: local features (HOW, DELF) and how they
+  become one vector per image.
+
+The heavy libraries (torch, faiss, PIL) are imported inside the functions that build objects, so that
+``tokenret --help`` stays quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import logging
+import sys
+from typing import Any
+
+from tokenret.extraction import RELEASE_SCALES, ExtractionError
+from tokenret.models import checkpoints as ck
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "add_aggregator_arguments",
+    "add_device_argument",
+    "add_extraction_arguments",
+    "add_image_arguments",
+    "add_local_arguments",
+    "add_max_size_argument",
+    "add_model_arguments",
+    "add_network_arguments",
+    "add_runtime_arguments",
+    "add_verbose_argument",
+    "extraction_config_from_args",
+    "local_config_from_args",
+    "local_model_from_args",
+    "model_from_args",
+    "parse_key_values",
+    "run_parsed",
+    "runtime_from_args",
+    "set_model_from_args",
+]
+
+DEFAULT_MODEL = "token_r101"
+
+log = logging.getLogger("tokenret")
+
+
+def parse_key_values(items: list[str] | None) -> dict[str, object]:
+    """['dim=64', 'backbone=resnet18'] -> {'dim': 64, 'backbone': 'resnet18'} (Python literals, else str)."""
+    out: dict[str, object] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"expected key=value, got {item!r}")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
+# ------------------------------------------------------------------------------------------ argument groups
+
+
+def add_verbose_argument(p: argparse.ArgumentParser) -> None:
+    """``-v/--verbose``: INFO logging instead of WARNING (read by :func:`run_parsed`)."""
+    p.add_argument("-v", "--verbose", action="store_true", help="log more")
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The global model: a registry name, its weights, architecture overrides."""
+    p.add_argument("--model", default=DEFAULT_MODEL, help="registry name (see `tokenret models`)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--checkpoint", help="weights file (released or saved by tokenret)")
+    g.add_argument("--pretrained", action="store_true", help="download the released weights once")
+    p.add_argument("--model-arg", nargs="*", metavar="KEY=VALUE", help="architecture overrides, e.g. dim=512")
+
+
+def add_max_size_argument(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--max-size``: the longest image side after loading."""
+    p.add_argument("--max-size", type=int, default=1024, help="longest image side (never enlarged)")
+
+
+def add_image_arguments(p: argparse.ArgumentParser) -> None:
+    """How images are sized before the network sees them: ``--max-size`` and ``--scales``."""
+    g = p.add_argument_group("images")
+    add_max_size_argument(g)
+    g.add_argument(
+        "--scales",
+        type=float,
+        nargs="+",
+        default=None,
+        help=f"multi-scale factors (default {', '.join(f'{s:.4g}' for s in RELEASE_SCALES)}; "
+        "with --local the extractor's own pyramid)",
+    )
+
+
+def add_network_arguments(p: argparse.ArgumentParser) -> None:
+    """How the global network runs: autocast and ``torch.compile``."""
+    g = p.add_argument_group("global network")
+    g.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off", help="autocast (fp16: GPU only)")
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the trunk, weights frozen (a one-off compilation, then faster on CPU; needs g++; "
+        "see bench/README.md)",
+    )
+
+
+def add_device_argument(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--device``: where the networks run."""
+    p.add_argument(
+        "--device",
+        default=None,
+        help="cpu, cuda, cuda:1 ... (default: $TOKENRET_DEVICE, else cuda if available)",
+    )
+
+
+def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
+    """How extraction is run, never what it computes: batching, decoding processes, CPU streams, device."""
+    g = p.add_argument_group("run-time (the same descriptors to float rounding)")
+    g.add_argument(
+        "--batch-size", type=int, default=8, help="global descriptors: images of equal size per forward pass"
+    )
+    g.add_argument("--workers", type=int, default=2, help="image decoding processes (0: in this process)")
+    g.add_argument(
+        "--streams",
+        type=int,
+        default=0,
+        help="CPU: batches run at once, sharing torch's threads (default 0: 2 with 2+ threads; 1: off)",
+    )
+    add_device_argument(g)
+    g.add_argument(
+        "--no-winograd",
+        dest="winograd",
+        action="store_false",
+        help="CPU, global descriptors: keep oneDNN's direct 3x3 convolutions instead of NNPACK's fast ones "
+        "(which differ by float32 rounding, relative ~1e-5 on the trunk's features)",
+    )
+
+
+def add_extraction_arguments(p: argparse.ArgumentParser) -> None:
+    """Everything that says how descriptors are extracted: images, global network and run-time groups."""
+    add_image_arguments(p)
+    add_network_arguments(p)
+    add_runtime_arguments(p)
+
+
+def add_local_arguments(p: argparse.ArgumentParser, *, required: bool = False) -> None:
+    """A local-feature extractor (HOW, DELF), its weights, and how its sets are kept."""
+    g = p.add_argument_group("local features (HOW, DELF)")
+    g.add_argument(
+        "--local",
+        required=required,
+        metavar="NAME",
+        help="local-feature extractor: how_r18, how_r50, how_r101, delf_r50",
+    )
+    w = g.add_mutually_exclusive_group()
+    w.add_argument("--local-checkpoint", help="its weights (HOW's .pth formats, or a tokenret file)")
+    w.add_argument("--local-pretrained", action="store_true", help="download its released weights once")
+    g.add_argument("--topk", type=int, default=None, help="features kept per image (default: the model's)")
+    g.add_argument(
+        "--sets-dtype",
+        choices=["float16", "float32"],
+        default="float16",
+        help="cached sets' precision (float32: published ASMK numbers to the last decimal, twice the space)",
+    )
+    g.add_argument(
+        "--exact-trunk",
+        action="store_true",
+        help="CPU: run the extractor's trunk as is, not as a folded/fused copy (slower; the copy's features "
+        "agree to float rounding; implied by --sets-dtype float32)",
+    )
+
+
+def add_aggregator_arguments(p: argparse.ArgumentParser, *, asmk: bool) -> None:
+    """How local features become a score: ``token`` and ``vlad`` (one vector per image), and with ``asmk``
+    ASMK's own inverted file (only ``evaluate`` keeps one)."""
+    g = p.add_argument_group("aggregating local features (with --local)")
+    names = ["asmk", "vlad", "token"] if asmk else ["token", "vlad"]
+    g.add_argument(
+        "--aggregator",
+        choices=names,
+        help=("asmk: ASMK* as HOW; vlad; " if asmk else "vlad; ")
+        + "token: a token_set_* model (--model/--checkpoint)",
+    )
+    g.add_argument(
+        "--codebook", help=f"visual words for {'asmk/vlad' if asmk else 'vlad'} (`tokenret codebook`)"
+    )
+    g.add_argument("--vlad-power", type=float, default=None, help="VLAD signed power normalisation")
+    if asmk:
+        g.add_argument(
+            "--codebook-size", type=int, help="learn a codebook of K words from the database instead"
+        )
+        g.add_argument("--no-binary", action="store_true", help="ASMK with float residuals instead of ASMK*")
+        g.add_argument("--alpha", type=float, default=3.0, help="ASMK selectivity exponent")
+        g.add_argument("--tau", type=float, default=0.0, help="ASMK similarity threshold")
+        g.add_argument(
+            "--query-assignment", type=int, default=5, help="ASMK visual words per query descriptor"
+        )
+
+
+# ------------------------------------------------------------------------------- objects built from them
+
+
+def model_from_args(args: argparse.Namespace) -> Any:
+    """The global model of :func:`add_model_arguments` (a warning when it has random weights)."""
+    from tokenret.models.registry import create_model
+
+    if not args.checkpoint and not args.pretrained:
+        log.warning(
+            "no --checkpoint or --pretrained: %s has random weights, results are meaningless", args.model
+        )
+    return create_model(
+        args.model, checkpoint=args.checkpoint, pretrained=args.pretrained, **parse_key_values(args.model_arg)
+    )
+
+
+def extraction_config_from_args(args: argparse.Namespace) -> Any:
+    """The :class:`tokenret.extraction.ExtractionConfig` of :func:`add_extraction_arguments`."""
+    from tokenret.extraction import ExtractionConfig
+
+    return ExtractionConfig(
+        max_size=args.max_size,
+        scales=tuple(args.scales) if args.scales else RELEASE_SCALES,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        amp=args.amp,
+        device=args.device,
+        compile=args.compile,
+        streams=args.streams,
+        winograd=args.winograd,
+    )
+
+
+def runtime_from_args(args: argparse.Namespace) -> dict[str, object]:
+    """The run-time settings of :func:`add_runtime_arguments`, as keyword arguments of the folder index
+    (whose stored settings fix everything else)."""
+    return {
+        "batch_size": args.batch_size,
+        "num_workers": args.workers,
+        "device": args.device,
+        "streams": args.streams,
+        "winograd": args.winograd,
+    }
+
+
+def local_model_from_args(args: argparse.Namespace) -> Any:
+    """The local-feature extractor of :func:`add_local_arguments` (a warning when it has random weights)."""
+    from tokenret.models.local import create_local_model
+
+    if not args.local_checkpoint and not args.local_pretrained:
+        log.warning(
+            "no --local-checkpoint or --local-pretrained: %s has random weights, results are meaningless",
+            args.local,
+        )
+    return create_local_model(args.local, args.local_checkpoint, pretrained=args.local_pretrained)
+
+
+def local_config_from_args(args: argparse.Namespace) -> Any:
+    """The :class:`tokenret.extraction.LocalExtractionConfig` of the image, run-time and local groups."""
+    from tokenret.extraction import LocalExtractionConfig
+
+    return LocalExtractionConfig(
+        max_size=args.max_size,
+        scales=tuple(args.scales) if args.scales else None,
+        topk=args.topk,
+        num_workers=args.workers,
+        device=args.device,
+        streams=args.streams,
+        dtype=args.sets_dtype,
+        fast_trunk=False if args.exact_trunk else None,
+    )
+
+
+def set_model_from_args(args: argparse.Namespace) -> Any:
+    """The Token set model for --aggregator token: --model/--checkpoint, by default token_set_<--local>."""
+    if args.model == DEFAULT_MODEL:  # the default global model makes no sense here
+        args.model = f"token_set_{args.local}"
+    return model_from_args(args)
+
+
+# -------------------------------------------------------------------------------------------- running
+
+
+# The errors a user can act on: printed as one line, exit status 2 (anything else is a bug: a traceback).
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ck.CheckpointError,
+    ck.WeightsUnavailableError,
+    FileNotFoundError,
+    KeyError,
+    ValueError,
+    ExtractionError,
+    ImportError,  # an optional dependency (faiss-cpu, qdrant-client): the message names the install
+    ConnectionError,  # a search server (Qdrant) that cannot be reached
+)
+
+
+def run_parsed(args: argparse.Namespace) -> int:
+    """Set up logging from ``--verbose``, run the subcommand's ``func``, report user errors on stderr.
+
+    Returns:
+        The subcommand's exit status; 2 after a user error.
+    """
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
+    )
+    try:
+        return args.func(args)
+    except USER_ERRORS as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"tokenret: error: {msg}", file=sys.stderr)
+        return 2
