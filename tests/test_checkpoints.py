@@ -258,14 +258,9 @@ def test_pretrained_checks_a_known_sha256(small_release, monkeypatch, tmp_path):
     assert not (tmp_path / "home" / "checkpoints" / "R50-Token.pth.part").exists()
 
 
-def test_offline_fails_at_once_naming_url_and_destination(small_release, monkeypatch, tmp_path):
-    import socket
-
+def test_offline_fails_at_once_naming_url_and_destination(small_release, monkeypatch, tmp_path, free_port):
     monkeypatch.setenv("TOKENRET_HOME", str(tmp_path / "home"))
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}/uc?export=download&id=X"
+    url = f"http://127.0.0.1:{free_port}/uc?export=download&id=X"
     replace_weights("token_r50", Weights(url=url, filename="R50-Token.pth"))
     t = time.perf_counter()
     with pytest.raises(ck.WeightsUnavailableError) as e:

@@ -88,6 +88,7 @@ def test_commands_that_extract_share_the_run_time_flags_and_defaults():
     assert (config.max_size, config.num_workers, config.streams, config.device) == (1024, 2, 1, None)
 
 
+@pytest.mark.slow
 def test_the_parser_imports_no_job():
     """`tokenret --help` stays quick: the training engine, the folder index and FAISS load with their job."""
     code = (

@@ -439,16 +439,11 @@ def test_imagenet_initialisation_maps_torchvision_keys(monkeypatch):
     assert calls[-1] == ("resnet50", "IMAGENET1K_V2")
 
 
-def test_delf_pca_command_learns_and_saves_a_reloadable_reduction(tmp_path, capsys):
-    from PIL import Image
-
+def test_delf_pca_command_learns_and_saves_a_reloadable_reduction(tmp_path, capsys, write_random_images):
     from tokenret.cli import main
     from tokenret.models.local import create_local_model
 
-    rng = np.random.default_rng(0)
-    (tmp_path / "im").mkdir()
-    for i in range(3):
-        Image.fromarray(rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)).save(tmp_path / "im" / f"{i}.png")
+    write_random_images(tmp_path / "im", [(80, 64)] * 3, high=255)
     (tmp_path / "im" / "bad.jpg").write_bytes(b"nope")
     out = tmp_path / "delf_pca8.pth"
     argv = ["delf-pca", "--images", str(tmp_path / "im"), "--dim", "8", "--max-size", "64"]

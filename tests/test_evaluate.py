@@ -79,11 +79,11 @@ def assert_matches_naive(ranks, gnd):
 
 
 @pytest.fixture(scope="module")
-def real_gnd(request):
-    root = request.getfixturevalue("shared_data") / "revisitop"
+def real_gnd(revisitop_dir):
     out = {}
     for name in ("roxford5k", "rparis6k"):
-        with open(root / f"gnd_{name}.pkl", "rb") as f:  # trusted local copy; plain pickle on purpose
+        path = revisitop_dir / f"gnd_{name}.pkl"
+        with open(path, "rb") as f:  # trusted local copy; plain pickle on purpose
             out[name] = pickle.load(f)
     return out
 

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import tokenret
 from tokenret import benchmark
 from tokenret.cli import main
 from tokenret.data.revisited import RevisitedDataset
@@ -16,13 +15,14 @@ from tokenret.extraction import descriptors as ex
 from tokenret.models.checkpoints import save_checkpoint
 
 
-def _evaluate(data_root, tmp_path, *extra):
-    """Evaluate a small Token model saved as a tokenret checkpoint (its architecture travels in the file)."""
-    ckpt = tmp_path / "tiny.pth"
-    if not ckpt.exists():
-        save_checkpoint(
-            tokenret.create_model("token_r50", backbone="resnet18", dim=32, num_heads=4, out_dim=16), ckpt
-        )
+@pytest.fixture
+def tiny_checkpoint(tmp_path, tiny_token_model):
+    """The tiny Token model saved as a tokenret checkpoint (its architecture travels in the file)."""
+    return save_checkpoint(tiny_token_model(), tmp_path / "tiny.pth")
+
+
+def _evaluate(data_root, tmp_path, ckpt, *extra):
+    """`tokenret evaluate` of the checkpoint `ckpt` on the mini-RPar at 64 pixels; the report it writes."""
     out = tmp_path / "report.json"
     argv = ["evaluate", "--model", "token_r50", "--checkpoint", str(ckpt), "--data-root", str(data_root)]
     argv += [
@@ -41,8 +41,11 @@ def _evaluate(data_root, tmp_path, *extra):
     return json.loads(out.read_text())
 
 
-def test_evaluate_runs_on_the_mini_rpar_and_reuses_descriptors(shared_data, tmp_path, capsys, monkeypatch):
-    report = _evaluate(shared_data, tmp_path)
+@pytest.mark.slow
+def test_evaluate_runs_on_the_mini_rpar_and_reuses_descriptors(
+    shared_data, tmp_path, capsys, monkeypatch, tiny_checkpoint
+):
+    report = _evaluate(shared_data, tmp_path, tiny_checkpoint)
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith(">> Test Dataset: rparis6k_subset *** mAP Easy: ")
     res = report["datasets"]["rparis6k_subset"]["results"]
@@ -60,7 +63,7 @@ def test_evaluate_runs_on_the_mini_rpar_and_reuses_descriptors(shared_data, tmp_
     calls = []
     real = ex._extract_range
     monkeypatch.setattr(ex, "_extract_range", lambda *a, **k: calls.append(1) or real(*a, **k))
-    qe = _evaluate(shared_data, tmp_path, "--qe", "2", "3")
+    qe = _evaluate(shared_data, tmp_path, tiny_checkpoint, "--qe", "2", "3")
     assert calls == []
     assert (
         qe["qe"] == [2, 3]
@@ -68,7 +71,7 @@ def test_evaluate_runs_on_the_mini_rpar_and_reuses_descriptors(shared_data, tmp_
     )
 
 
-def test_label_oracle_descriptors_give_100_map(shared_data, tmp_path, monkeypatch, capsys):
+def test_label_oracle_descriptors_give_100_map(shared_data, tmp_path, monkeypatch, capsys, tiny_checkpoint):
     """Descriptors built from the labels: every stage after extraction (order, boxes, ranks, metrics) must
     then give 100 mAP in all three protocols."""
     ds = RevisitedDataset.from_root(shared_data, "rparis6k_subset")
@@ -89,7 +92,7 @@ def test_label_oracle_descriptors_give_100_map(shared_data, tmp_path, monkeypatc
         return ex.ExtractionResult(np.stack([table[Path(p).stem] for p in paths]))
 
     monkeypatch.setattr(benchmark, "extract_descriptors", oracle)
-    report = _evaluate(shared_data, tmp_path)
+    report = _evaluate(shared_data, tmp_path, tiny_checkpoint)
     res = report["datasets"]["rparis6k_subset"]["results"]
     assert res["easy"]["map"] == res["medium"]["map"] == res["hard"]["map"] == 100.0
     assert all(v == 100.0 for v in res["medium"]["mp_at_k"].values())
@@ -173,7 +176,8 @@ def test_show_results_frames_by_label(shared_data, tmp_path):
     assert Image.open(out).convert("RGB").getpixel((4 * 160 + 2, 80)) == GREY
 
 
-def test_r1m_distractors_are_extracted_once_and_appended(shared_data, tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_r1m_distractors_are_extracted_once_and_appended(shared_data, tmp_path, monkeypatch, tiny_checkpoint):
     from PIL import Image
 
     r1m = tmp_path / "revisitop1m"
@@ -185,11 +189,11 @@ def test_r1m_distractors_are_extracted_once_and_appended(shared_data, tmp_path, 
         Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(r1m / "jpg" / name)
         names.append(name)
     (r1m / "revisitop1m.txt").write_text("\n".join(names) + "\n")
-    plain = _evaluate(shared_data, tmp_path)["datasets"]["rparis6k_subset"]["results"]
+    plain = _evaluate(shared_data, tmp_path, tiny_checkpoint)["datasets"]["rparis6k_subset"]["results"]
     calls = []
     real = ex._extract_range
     monkeypatch.setattr(ex, "_extract_range", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
-    report = _evaluate(shared_data, tmp_path, "--r1m", str(r1m))
+    report = _evaluate(shared_data, tmp_path, tiny_checkpoint, "--r1m", str(r1m))
     assert calls == [6]  # only the distractors were new; the dataset's descriptors came from the cache
     assert report["r1m"] == 6 and "rparis6k_subset+R1M" in report["datasets"]
     with_r1m = report["datasets"]["rparis6k_subset+R1M"]["results"]
@@ -197,5 +201,5 @@ def test_r1m_distractors_are_extracted_once_and_appended(shared_data, tmp_path, 
     for proto in ("easy", "medium", "hard"):
         assert with_r1m[proto]["map"] <= plain[proto]["map"] + 1e-9
     calls.clear()
-    _evaluate(shared_data, tmp_path, "--r1m", str(r1m))
+    _evaluate(shared_data, tmp_path, tiny_checkpoint, "--r1m", str(r1m))
     assert calls == []  # second time everything is cached

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
 
@@ -11,33 +10,27 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 import tokenret
 from tokenret.data.images import load_image, to_tensor
 from tokenret.extraction import descriptors as ex
 
-TINY = {"backbone": "resnet18", "dim": 32, "num_heads": 4, "out_dim": 16}
 
-
-def tiny_model():
+@pytest.fixture
+def model(tiny_token_model):
+    """The tiny Token model in eval mode, with non-zero attention outputs as in trained weights."""
     torch.manual_seed(0)
-    model = tokenret.create_model("token_r50", **TINY)
-    for m in model.modules():  # non-zero attention outputs, as in trained weights
+    model = tiny_token_model()
+    for m in model.modules():
         if isinstance(m, tokenret.models.token.Attention):
             torch.nn.init.normal_(m.proj.weight, std=0.05)
     return model.eval()
 
 
-def make_images(folder, sizes, seed=0):
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, (w, h) in enumerate(sizes):
-        p = folder / f"img_{i:03d}.jpg"
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(p, quality=90)
-        paths.append(p)
-    return paths
+@pytest.fixture
+def images(tmp_path, write_random_images):
+    """Seven JPEGs of random pixels in tmp_path/imgs, of the sizes `SIZES`."""
+    return write_random_images(tmp_path / "imgs", SIZES, suffix=".jpg", quality=90)
 
 
 def release_loop(model, paths, boxes, max_size, scales):
@@ -57,9 +50,8 @@ def release_loop(model, paths, boxes, max_size, scales):
 SIZES = [(96, 72), (72, 96), (96, 72), (80, 80), (96, 72), (100, 64), (72, 96)]
 
 
-def test_batched_multiscale_extraction_equals_the_release_loop(tmp_path):
-    model = tiny_model()
-    paths = make_images(tmp_path / "imgs", SIZES)
+def test_batched_multiscale_extraction_equals_the_release_loop(model, images):
+    paths = images
     boxes = [None] * len(paths)
     boxes[2] = (10.4, 5.5, 70.6, 60.2)
     cfg = ex.ExtractionConfig(max_size=90, batch_size=3, num_workers=0)
@@ -73,9 +65,8 @@ def test_batched_multiscale_extraction_equals_the_release_loop(tmp_path):
     np.testing.assert_allclose(ours1, release_loop(model, paths, [None] * 7, 90, (1.0,)), atol=2e-5)
 
 
-def test_bf16_autocast_stays_close_to_float32(tmp_path):
-    model = tiny_model()
-    paths = make_images(tmp_path / "imgs", SIZES[:3])
+def test_bf16_autocast_stays_close_to_float32(model, images):
+    paths = images[:3]
     cfg = ex.ExtractionConfig(max_size=90, num_workers=0)
     f32 = ex.extract_descriptors(model, paths, config=cfg, progress=False)
     bf16 = ex.extract_descriptors(
@@ -88,9 +79,8 @@ def test_bf16_autocast_stays_close_to_float32(tmp_path):
         ex.extract_descriptors(model, paths, config=cfg16, progress=False)
 
 
-def test_unreadable_images_are_reported_never_dropped(tmp_path):
-    model = tiny_model()
-    paths = make_images(tmp_path / "imgs", SIZES[:4])
+def test_unreadable_images_are_reported_never_dropped(tmp_path, model, images):
+    paths = images[:4]
     bad = tmp_path / "imgs" / "broken.jpg"
     bad.write_bytes(paths[0].read_bytes()[:200])
     text = tmp_path / "imgs" / "notes.jpg"
@@ -104,9 +94,9 @@ def test_unreadable_images_are_reported_never_dropped(tmp_path):
     assert np.isnan(res.descriptors[[1, 3]]).all() and np.isfinite(res.descriptors[[0, 2, 4]]).all()
 
 
-def test_interrupted_sharded_run_resumes_without_recomputing(tmp_path, monkeypatch):
-    model = tiny_model()
-    paths = make_images(tmp_path / "imgs", SIZES)
+@pytest.mark.slow
+def test_interrupted_sharded_run_resumes_without_recomputing(tmp_path, monkeypatch, model, images):
+    paths = images
     cfg = ex.ExtractionConfig(max_size=90, num_workers=0, shard_size=2)
     full = ex.extract_descriptors(model, paths, config=cfg, progress=False).descriptors
 
@@ -137,38 +127,27 @@ def test_interrupted_sharded_run_resumes_without_recomputing(tmp_path, monkeypat
     assert len(calls) == 4
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _worker(rank, model, paths, out_dir, result_dir):
+    cfg = ex.ExtractionConfig(max_size=90, num_workers=0, shard_size=2, device="cpu")
+    res = ex.extract_descriptors(model, paths, config=cfg, out_dir=out_dir, progress=False)
+    np.save(os.path.join(result_dir, f"rank{rank}.npy"), res.descriptors)
 
 
-def _worker(rank, world, port, paths, out_dir, result_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(1)
-        cfg = ex.ExtractionConfig(max_size=90, num_workers=0, shard_size=2, device="cpu")
-        res = ex.extract_descriptors(tiny_model(), paths, config=cfg, out_dir=out_dir, progress=False)
-        np.save(os.path.join(result_dir, f"rank{rank}.npy"), res.descriptors)
-    finally:
-        torch.distributed.destroy_process_group()
-
-
-def test_two_processes_share_the_shards_and_agree(tmp_path):
-    paths = [str(p) for p in make_images(tmp_path / "imgs", SIZES)]
+@pytest.mark.slow
+def test_two_processes_share_the_shards_and_agree(tmp_path, model, images, run_ranks):
+    paths = [str(p) for p in images]
     out, results = tmp_path / "shards", tmp_path / "results"
     results.mkdir()
-    torch.multiprocessing.spawn(_worker, args=(2, _free_port(), paths, str(out), str(results)), nprocs=2)
+    run_ranks(_worker, model, paths, str(out), str(results), world=2)
     single = ex.extract_descriptors(
-        tiny_model(), paths, config=ex.ExtractionConfig(max_size=90, num_workers=0), progress=False
+        model, paths, config=ex.ExtractionConfig(max_size=90, num_workers=0), progress=False
     ).descriptors
     for r in (0, 1):
         np.testing.assert_allclose(np.load(results / f"rank{r}.npy"), single, atol=1e-5)
     assert len(list(out.glob("shard_*.npy"))) == 4
 
 
-def test_gem_networks_combine_scales_by_generalised_mean_as_cirtorch():
+def test_gem_networks_combine_scales_by_generalised_mean_as_cirtorch(tiny_token_model):
     """cirtorch's multi-scale rule: GeM without a whitening layer -> (mean_s d_s^p)^(1/p); with whitening, or
     for Token (the release's test.py), a plain mean. Checked against a loop written from that rule."""
     torch.manual_seed(0)
@@ -196,7 +175,7 @@ def test_gem_networks_combine_scales_by_generalised_mean_as_cirtorch():
         torch.testing.assert_close(one, ds[0], rtol=1e-5, atol=1e-6)
     whitened = tokenret.create_model("gem_r50", backbone="resnet18", whiten_dim=32).eval()
     assert whitened.multiscale_power == 1.0
-    token = tokenret.create_model("token_r50", backbone="resnet18", dim=32, num_heads=4, out_dim=16).eval()
+    token = tiny_token_model().eval()
     ds = per_scale(token)
     with torch.no_grad():
         torch.testing.assert_close(
@@ -214,9 +193,9 @@ def test_tokenret_device_sets_the_default_device(monkeypatch):
     assert ex.resolve_device(None).type == want
 
 
-def test_streams_give_the_single_stream_descriptors_and_failures(tmp_path):
-    model = tiny_model()
-    paths = make_images(tmp_path / "imgs", SIZES)
+@pytest.mark.slow
+def test_streams_give_the_single_stream_descriptors_and_failures(tmp_path, model, images):
+    paths = images
     bad = tmp_path / "imgs" / "broken.jpg"
     bad.write_bytes(paths[0].read_bytes()[:200])
     all_paths = [*paths[:3], bad, *paths[3:]]

@@ -28,17 +28,6 @@ def _randomise_bn(model: nn.Module, seed: int = 0) -> None:
                     m.bias.copy_(torch.randn(m.num_features, generator=g))
 
 
-def _random_images(tmp_path, seed: int, sizes: list[tuple[int, int]]) -> list:
-    """PNG files of random pixels, one per (height, width)."""
-    rng = np.random.default_rng(seed)
-    paths = []
-    for i, (h, w) in enumerate(sizes):
-        p = tmp_path / f"{i}.png"
-        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(p)
-        paths.append(p)
-    return paths
-
-
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("affine", [True, False])
 def test_folded_conv_equals_conv_then_batchnorm(bias, affine):
@@ -49,8 +38,8 @@ def test_folded_conv_equals_conv_then_batchnorm(bias, affine):
     torch.testing.assert_close(fold_conv_bn(conv, bn)(x), bn(conv(x)), rtol=1e-12, atol=1e-12)
 
 
-def test_folded_token_model_gives_the_same_descriptors_and_leaves_the_original_alone():
-    model = tokenret.create_model("token_r50", backbone="resnet18", dim=32, num_heads=4, out_dim=16).double()
+def test_folded_token_model_gives_the_same_descriptors_and_leaves_the_original_alone(tiny_token_model):
+    model = tiny_token_model().double()
     _randomise_bn(model)
     model.eval()
     n_bn = sum(type(m) is nn.BatchNorm2d for m in model.modules())
@@ -64,9 +53,9 @@ def test_folded_token_model_gives_the_same_descriptors_and_leaves_the_original_a
         torch.testing.assert_close(fused(x), model(x), rtol=1e-10, atol=1e-10)
 
 
-def test_extraction_with_and_without_folding_agree(tmp_path):
-    paths = _random_images(tmp_path, 0, [(40 + 8 * i, 56) for i in range(3)])
-    model = tokenret.create_model("token_r50", backbone="resnet18", dim=32, num_heads=4, out_dim=16)
+def test_extraction_with_and_without_folding_agree(tmp_path, tiny_token_model, write_random_images):
+    paths = write_random_images(tmp_path, [(56, 40 + 8 * i) for i in range(3)], seed=0, high=255)
+    model = tiny_token_model()
     _randomise_bn(model)
     runs = {}
     for fold in (True, False):
@@ -80,11 +69,13 @@ def test_extraction_with_and_without_folding_agree(tmp_path):
 @pytest.mark.skipif(
     not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on CPU needs a C++ compiler"
 )
-def test_compiled_extraction_gives_the_same_descriptors_and_is_reused(tmp_path):
+def test_compiled_extraction_gives_the_same_descriptors_and_is_reused(
+    tmp_path, tiny_token_model, write_random_images
+):
     from tokenret.extraction import descriptors as ex
 
-    paths = _random_images(tmp_path, 1, [(48, 40 + 8 * i) for i in range(3)])
-    model = tokenret.create_model("token_r50", backbone="resnet18", dim=32, num_heads=4, out_dim=16)
+    paths = write_random_images(tmp_path, [(40 + 8 * i, 48) for i in range(3)], seed=1, high=255)
+    model = tiny_token_model()
     _randomise_bn(model)
     plain = ExtractionConfig(max_size=48, scales=(1.0, 0.75), num_workers=0)
     compiled = ExtractionConfig(max_size=48, scales=(1.0, 0.75), num_workers=0, compile=True)
@@ -98,13 +89,13 @@ def test_compiled_extraction_gives_the_same_descriptors_and_is_reused(tmp_path):
     assert ex.inference_network(model, compiled) is not network
 
 
-def test_the_folded_copy_is_reused_while_model_and_weights_stay_the_same():
+def test_the_folded_copy_is_reused_while_model_and_weights_stay_the_same(tiny_token_model):
     import gc
 
     from tokenret.extraction import descriptors as ex
 
     cfg = ExtractionConfig(num_workers=0)
-    model = tokenret.create_model("token_r50", backbone="resnet18", dim=32, num_heads=4, out_dim=16).eval()
+    model = tiny_token_model().eval()
     first = ex.inference_network(model, cfg)
     assert first is not model and ex.inference_network(model, cfg) is first  # no second copy
     assert ex.inference_network(model, ExtractionConfig(num_workers=0, channels_last=False)) is not first
@@ -117,18 +108,18 @@ def test_the_folded_copy_is_reused_while_model_and_weights_stay_the_same():
     # another model never gets this one's copy, even at a reused address
     del model, first, second
     gc.collect()
-    other = tokenret.create_model("token_r50", backbone="resnet18", dim=32, num_heads=4, out_dim=16).eval()
+    other = tiny_token_model().eval()
     net = ex.inference_network(other, cfg)
     for a, b in zip(net.tr.decoder.parameters(), other.tr.decoder.parameters(), strict=True):
         torch.testing.assert_close(a, b)
 
 
-def test_compile_without_a_cpp_compiler_fails_before_any_work(monkeypatch, tmp_path):
+def test_compile_without_a_cpp_compiler_fails_before_any_work(monkeypatch, tmp_path, tiny_token_model):
     from tokenret.extraction import network as ex
 
     monkeypatch.delenv("CXX", raising=False)
     monkeypatch.setattr(ex.shutil, "which", lambda name: None)
-    model = tokenret.create_model("token_r50", backbone="resnet18", dim=32, num_heads=4, out_dim=16)
+    model = tiny_token_model()
     path = tmp_path / "a.png"
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(path)
     config = ExtractionConfig(max_size=32, scales=(1.0,), num_workers=0, compile=True)
@@ -149,10 +140,10 @@ needs_fusion = pytest.mark.skipif(
 
 @needs_fusion
 @pytest.mark.parametrize("backbone", ["resnet18", "resnet50"])  # BasicBlock / Bottleneck with downsample
-def test_fused_activations_compute_what_the_folded_network_computes(backbone):
+def test_fused_activations_compute_what_the_folded_network_computes(backbone, tiny_token_model):
     from tokenret.models.fuse import ConvReLU, FusedResidualBlock, fuse_activations
 
-    model = tokenret.create_model("token_r50", backbone=backbone, dim=32, num_heads=4, out_dim=16)
+    model = tiny_token_model(backbone=backbone)
     _randomise_bn(model)
     model.eval()
     folded = fold_batchnorm(model)
@@ -191,11 +182,13 @@ def test_a_block_with_its_own_forward_is_left_alone():
         torch.testing.assert_close(folded(x), reference(x), rtol=1e-5, atol=1e-5)
 
 
-def test_fusion_is_used_only_for_cpu_float32_eager_and_never_on_the_callers_model(monkeypatch):
+def test_fusion_is_used_only_for_cpu_float32_eager_and_never_on_the_callers_model(
+    monkeypatch, tiny_token_model
+):
     from tokenret.extraction import descriptors as ex
     from tokenret.models import fuse
 
-    model = tokenret.create_model("token_r50", backbone="resnet18", dim=32, num_heads=4, out_dim=16).eval()
+    model = tiny_token_model().eval()
 
     def fused(cfg):
         return any(isinstance(m, fuse.FusedResidualBlock) for m in ex.inference_network(model, cfg).modules())
@@ -228,9 +221,9 @@ def test_pointwise_fusion_is_turned_off_when_the_kernels_fail(monkeypatch):
 
 
 @needs_fusion
-def test_extraction_with_and_without_fused_activations_agree(tmp_path):
-    paths = _random_images(tmp_path, 2, [(48, 40 + 8 * i) for i in range(3)])
-    model = tokenret.create_model("token_r50", backbone="resnet18", dim=32, num_heads=4, out_dim=16)
+def test_extraction_with_and_without_fused_activations_agree(tmp_path, tiny_token_model, write_random_images):
+    paths = write_random_images(tmp_path, [(40 + 8 * i, 48) for i in range(3)], seed=2, high=255)
+    model = tiny_token_model()
     _randomise_bn(model)
     runs = {}
     for fuse_ in (True, False):
@@ -289,10 +282,10 @@ def test_winograd_convolution_matches_a_float64_reference_in_both_memory_formats
 
 
 @needs_winograd
-def test_winograd_blocks_take_nnpack_only_in_one_thread_callers(monkeypatch):
+def test_winograd_blocks_take_nnpack_only_in_one_thread_callers(monkeypatch, tiny_token_model):
     from tokenret.models import fuse
 
-    model = tokenret.create_model("token_r50", backbone="resnet50", dim=32, num_heads=4, out_dim=16)
+    model = tiny_token_model(backbone="resnet50")
     _randomise_bn(model)
     model.eval()
     reference = fold_batchnorm(model).double()
@@ -322,12 +315,14 @@ def test_winograd_blocks_take_nnpack_only_in_one_thread_callers(monkeypatch):
 
 
 @needs_winograd
-def test_extraction_with_and_without_winograd_agree_and_the_option_reaches_the_network(tmp_path, monkeypatch):
+def test_extraction_with_and_without_winograd_agree_and_the_option_reaches_the_network(
+    tmp_path, monkeypatch, tiny_token_model, write_random_images
+):
     from tokenret.extraction import descriptors as ex
     from tokenret.models import fuse
 
-    paths = _random_images(tmp_path, 3, [(56, 40 + 8 * i) for i in range(3)])
-    model = tokenret.create_model("token_r50", backbone="resnet50", dim=32, num_heads=4, out_dim=16)
+    paths = write_random_images(tmp_path, [(40 + 8 * i, 56) for i in range(3)], seed=3, high=255)
+    model = tiny_token_model(backbone="resnet50")
     _randomise_bn(model)
     calls = []
     real = fuse._nnpack
@@ -367,7 +362,8 @@ def test_winograd_is_turned_off_when_nnpack_fails(monkeypatch):
 
 
 def test_no_winograd_flag_reaches_the_extraction_settings_of_evaluate_and_index():
-    from tokenret.cli import _runtime_from_args, build_parser, extraction_config_from_args
+    from tokenret.cli import build_parser, extraction_config_from_args
+    from tokenret.cli import runtime_from_args as _runtime_from_args
 
     parser = build_parser()
     for argv in (["evaluate", "--data-root", "D"], ["index", "PHOTOS", "--out", "I"]):

@@ -238,8 +238,8 @@ def test_thumbnail_size_matches_pillow():
             assert thumbnail_size(size, bound) == ref.size, (size, bound)
 
 
-def test_database_image_resized_like_release(subset_dir):
-    path = subset_dir / "jpg" / "paris_defense_000000.jpg"
+def test_database_image_resized_like_release(rparis6k_subset_dir):
+    path = rparis6k_subset_dir / "jpg" / "paris_defense_000000.jpg"
     original = Image.open(path).convert("RGB")
     assert original.size == (1024, 768)
     np.testing.assert_array_equal(np.asarray(load_image(path)), np.asarray(original))  # already <= 1024
@@ -264,14 +264,9 @@ def test_float_box_is_rounded_like_pil(tmp_path):
     assert img.size == (512, 922)
 
 
-@pytest.fixture(scope="module")
-def subset_dir(request):
-    return request.getfixturevalue("shared_data") / "rparis6k_subset"
-
-
 @pytest.mark.parametrize("max_size", [1024, 600])
-def test_query_crop_then_scale(subset_dir, max_size):
-    ds = RevisitedDataset.from_json(subset_dir / "gnd_rparis6k_subset.json")
+def test_query_crop_then_scale(rparis6k_subset_dir, max_size):
+    ds = RevisitedDataset.from_json(rparis6k_subset_dir / "gnd_rparis6k_subset.json")
     path, box = ds.query_path(0), ds.query_box(0)
     full = Image.open(path).convert("RGB")
     assert full.size == (837, 1024) and box == (8.0, 104.0, 707.0, 913.0)

@@ -134,6 +134,7 @@ def _extract_sets(ds):
     )
 
 
+@pytest.mark.slow
 def test_how_asmk_and_vlad_through_the_cli_equal_independent_scores(shared_data, tmp_path, monkeypatch):
     ds = RevisitedDataset.from_root(shared_data, DATASET)
     model, db_sets, q_sets = _sets(shared_data, ds)
@@ -182,16 +183,16 @@ def test_aggregator_options_are_checked(shared_data, tmp_path, capsys):
     assert "global vectors" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_token_aggregator_through_the_cli_equals_the_head_applied_set_by_set(
-    shared_data, tmp_path, monkeypatch
+    shared_data, tmp_path, monkeypatch, tiny_set_token_model
 ):
-    import tokenret
     from tokenret.models.checkpoints import save_checkpoint
 
     ds = RevisitedDataset.from_root(shared_data, DATASET)
     model, db_sets, q_sets = _sets(shared_data, ds)
     monkeypatch.setattr(local_models, "create_local_model", lambda *a, **k: model)
-    head = tokenret.create_model("token_set_how_r50", dim=32, num_heads=4, out_dim=24).eval()
+    head = tiny_set_token_model().eval()
     ckpt = save_checkpoint(head, tmp_path / "set_token.pth")
     report = _run(
         shared_data,

@@ -42,15 +42,14 @@ class MeanColour(nn.Module):
         return {"descriptors": blocks[order].detach(), "attention": strength[order].detach()}
 
 
-def _images(folder, n, seed=0):
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(n):
-        p = folder / f"img{i:02d}.png"
-        Image.fromarray(rng.integers(0, 255, (16, 12, 3), dtype=np.uint8)).save(p)
-        paths.append(str(p))
-    return paths
+@pytest.fixture
+def images(write_random_images):
+    """Factory: `n` 12x16 PNGs of random pixels in `folder`, their paths as strings (the engine's input)."""
+
+    def write(folder, n, seed=0):
+        return [str(p) for p in write_random_images(folder, [(12, 16)] * n, seed=seed, high=255)]
+
+    return write
 
 
 def _expected(model, path, box=None, max_size=16):
@@ -59,8 +58,8 @@ def _expected(model, path, box=None, max_size=16):
     return out["descriptors"].numpy()
 
 
-def test_sets_follow_input_order_and_use_the_models_normalisation(tmp_path):
-    paths = _images(tmp_path / "im", 5)
+def test_sets_follow_input_order_and_use_the_models_normalisation(tmp_path, images):
+    paths = images(tmp_path / "im", 5)
     model = MeanColour(mean_std=[[0.5, 0.5, 0.5], [0.25, 0.25, 0.25]])
     cfg = lx.LocalExtractionConfig(max_size=16, num_workers=0)
     boxes = [None, (2, 2, 10, 14), None, None, (0, 0, 8, 8)]
@@ -76,8 +75,8 @@ def test_sets_follow_input_order_and_use_the_models_normalisation(tmp_path):
     np.testing.assert_allclose(res.store.get(0), strongest, atol=2e-3)
 
 
-def test_interrupted_run_resumes_without_recomputing_finished_shards(tmp_path, monkeypatch):
-    paths = _images(tmp_path / "im", 7)
+def test_interrupted_run_resumes_without_recomputing_finished_shards(tmp_path, monkeypatch, images):
+    paths = images(tmp_path / "im", 7)
     cfg = lx.LocalExtractionConfig(max_size=16, num_workers=0, shard_size=3)
     reference = lx.extract_local_sets(MeanColour(), paths, None, cfg, progress=False).store
 
@@ -121,8 +120,8 @@ def test_interrupted_run_resumes_without_recomputing_finished_shards(tmp_path, m
         assert model.calls == calls, threshold
 
 
-def test_unreadable_images_keep_their_place_and_are_named(tmp_path):
-    paths = _images(tmp_path / "im", 3)
+def test_unreadable_images_keep_their_place_and_are_named(tmp_path, images):
+    paths = images(tmp_path / "im", 3)
     bad = tmp_path / "im" / "broken.jpg"
     bad.write_bytes(b"not an image")
     paths.insert(1, str(bad))
@@ -139,8 +138,8 @@ def test_unreadable_images_keep_their_place_and_are_named(tmp_path):
             np.testing.assert_allclose(res.store.get(i), _expected(MeanColour(), paths[i]), atol=2e-3)
 
 
-def test_how_sets_equal_how_extraction_one_by_one(tmp_path):
-    paths = _images(tmp_path / "im", 2)
+def test_how_sets_equal_how_extraction_one_by_one(tmp_path, images):
+    paths = images(tmp_path / "im", 2)
     torch.manual_seed(0)
     model = create_how("how_r18")
     cfg = lx.LocalExtractionConfig(max_size=64, scales=(1.0, 0.5), topk=5, num_workers=0)
@@ -151,11 +150,11 @@ def test_how_sets_equal_how_extraction_one_by_one(tmp_path):
         np.testing.assert_allclose(res.store.strengths(i), want["attention"].numpy(), rtol=1e-6)
 
 
-def test_extract_local_and_codebook_commands_write_what_training_reads(tmp_path, monkeypatch, caplog):
+def test_extract_local_and_codebook_commands_write_what_training_reads(tmp_path, monkeypatch, caplog, images):
     from tokenret.models import local as local_models
 
     for cls in ("a", "b"):
-        _images(tmp_path / "train" / cls, 3, seed=ord(cls))
+        images(tmp_path / "train" / cls, 3, seed=ord(cls))
     (tmp_path / "train" / "b" / "zz_broken.png").write_bytes(b"garbage")
     monkeypatch.setattr(local_models, "create_local_model", lambda *a, **k: MeanColour())
     out = tmp_path / "sets"
@@ -187,35 +186,20 @@ def test_extract_local_and_codebook_commands_write_what_training_reads(tmp_path,
     assert (cb.centroids >= x.min(0) - 1e-4).all() and (cb.centroids <= x.max(0) + 1e-4).all()
 
 
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank, world, port, paths, out_dir, result_dir):
-    import os
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(1)
-        cfg = lx.LocalExtractionConfig(max_size=16, num_workers=0, shard_size=2, device="cpu")
-        res = lx.extract_local_sets(MeanColour(), paths, None, cfg, out_dir, progress=False)
-        lengths = res.store.lengths
-        flat = np.concatenate([res.store.get(i) for i in range(len(res.store))])
-        np.savez(f"{result_dir}/rank{rank}.npz", lengths=lengths, flat=flat)
-    finally:
-        torch.distributed.destroy_process_group()
+def _worker(rank, paths, out_dir, result_dir):
+    cfg = lx.LocalExtractionConfig(max_size=16, num_workers=0, shard_size=2, device="cpu")
+    res = lx.extract_local_sets(MeanColour(), paths, None, cfg, out_dir, progress=False)
+    lengths = res.store.lengths
+    flat = np.concatenate([res.store.get(i) for i in range(len(res.store))])
+    np.savez(f"{result_dir}/rank{rank}.npz", lengths=lengths, flat=flat)
 
 
-def test_two_processes_share_the_shards_and_both_read_every_set(tmp_path):
-    paths = _images(tmp_path / "im", 7)
+@pytest.mark.slow
+def test_two_processes_share_the_shards_and_both_read_every_set(tmp_path, images, run_ranks):
+    paths = images(tmp_path / "im", 7)
     out, results = tmp_path / "shards", tmp_path / "results"
     results.mkdir()
-    torch.multiprocessing.spawn(_worker, args=(2, _free_port(), paths, str(out), str(results)), nprocs=2)
+    run_ranks(_worker, paths, str(out), str(results), world=2)
     single = lx.extract_local_sets(
         MeanColour(), paths, None, lx.LocalExtractionConfig(16, num_workers=0), progress=False
     )
@@ -227,10 +211,10 @@ def test_two_processes_share_the_shards_and_both_read_every_set(tmp_path):
     assert sorted(p.name for p in out.glob("shard_*") if p.is_dir()) == [f"shard_{s:05d}" for s in range(4)]
 
 
-def test_a_selection_that_keeps_nothing_is_reported(tmp_path, caplog):
+def test_a_selection_that_keeps_nothing_is_reported(tmp_path, caplog, images):
     from tokenret.aggregate.aggregators import learn_codebook
 
-    paths = _images(tmp_path / "im", 2)
+    paths = images(tmp_path / "im", 2)
     model = MeanColour()
     model.runtime["features_num"] = 0  # keeps nothing (like DELF's threshold with untrained attention)
     res = lx.extract_local_sets(
@@ -273,8 +257,8 @@ def test_store_keeps_float32_exactly_and_float16_by_default(tmp_path):
         LocalDescriptorStore(5, dtype="int8")
 
 
-def test_float32_sets_are_the_extractors_own_values_and_cached_apart(tmp_path):
-    paths = _images(tmp_path / "im", 3)
+def test_float32_sets_are_the_extractors_own_values_and_cached_apart(tmp_path, images):
+    paths = images(tmp_path / "im", 3)
     cfg16 = lx.LocalExtractionConfig(max_size=16, num_workers=0)
     cfg32 = lx.LocalExtractionConfig(max_size=16, num_workers=0, dtype="float32")
     model = MeanColour()

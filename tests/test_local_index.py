@@ -19,18 +19,14 @@ from tokenret.extraction import model_fingerprint
 from tokenret.models.local import create_local_model
 
 
-def _head():
-    return tokenret.create_model("token_set_how_r50", dim=32, num_heads=4, out_dim=24).eval()
-
-
 def _codebook(dim=128, k=8, seed=0):
     return Codebook(np.random.default_rng(seed).standard_normal((k, dim)).astype(np.float32))
 
 
-def test_pipeline_equals_extraction_then_aggregation_and_round_trips(tmp_path):
+def test_pipeline_equals_extraction_then_aggregation_and_round_trips(tmp_path, tiny_set_token_model):
     torch.manual_seed(0)
     local = create_local_model("how_r18")
-    head = _head()
+    head = tiny_set_token_model().eval()
     model = LocalAggregateModel(local, head, scales=[1.0, 0.7071], topk=15).eval()
     images = torch.randn(2, 3, 64, 96)
     with torch.no_grad():
@@ -73,8 +69,9 @@ def _photos(folder, n=5):
     return sorted(folder.iterdir())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("aggregator", ["token", "vlad"])
-def test_index_a_folder_with_local_features(tmp_path, capsys, aggregator, monkeypatch):
+def test_index_a_folder_with_local_features(tmp_path, capsys, aggregator, monkeypatch, tiny_set_token_model):
     from tokenret.models import local as local_models
 
     torch.manual_seed(0)
@@ -95,7 +92,9 @@ def test_index_a_folder_with_local_features(tmp_path, capsys, aggregator, monkey
         "0",
     ]
     if aggregator == "token":
-        head = tokenret.models.checkpoints.save_checkpoint(_head(), tmp_path / "head.pth")
+        head = tokenret.models.checkpoints.save_checkpoint(
+            tiny_set_token_model().eval(), tmp_path / "head.pth"
+        )
         extra = ["--model", "token_set_how_r50", "--checkpoint", str(head)]
     else:  # the CLI path for a codebook: sets of the photos, then k-means
         sets = tmp_path / "sets"

@@ -19,9 +19,12 @@ SIZES = [(64, 64), (64, 160), (150, 70), (97, 131)]
 
 
 IMAGE_MODELS = [n for n in tokenret.list_models() if tokenret.get_model_config(n).backbone is not None]
+# Full-size ResNet-101 models take seconds each on 2 cores: slow. Each of their families still runs in the
+# quick loop, through its ResNet-50 entry here or test_batch_equals_one_by_one below.
+ZOO = [pytest.param(n, marks=pytest.mark.slow) if n.endswith("_r101") else n for n in IMAGE_MODELS]
 
 
-@pytest.mark.parametrize("name", IMAGE_MODELS)
+@pytest.mark.parametrize("name", ZOO)
 def test_registry_model_shapes_and_unit_norm(name):
     model = tokenret.create_model(name)
     assert not model.training
@@ -280,6 +283,7 @@ def release_r101_state(request):
     return _release_state_from_key_file(Path(__file__).parent / "data" / "token_r101_state_dict_keys.txt")
 
 
+@pytest.mark.slow
 def test_release_r101_key_file_loads_and_matches_reference(release_r101_state):
     state = release_r101_state
     assert len(state) == 707 and state["classifier.weight"].shape == (81313, 1024)
@@ -313,6 +317,7 @@ def test_release_r101_key_file_loads_and_matches_reference(release_r101_state):
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_release_r50_keys_load_into_token_r50():
     from pathlib import Path
 

@@ -14,16 +14,6 @@ from tokenret.data import GroundTruthError, R1MDistractors, RevisitedDataset, lo
 NAMES = ("roxford5k", "rparis6k")
 
 
-@pytest.fixture(scope="module")
-def revisitop_dir(request):
-    return request.getfixturevalue("shared_data") / "revisitop"
-
-
-@pytest.fixture(scope="module")
-def subset_dir(request):
-    return request.getfixturevalue("shared_data") / "rparis6k_subset"
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_real_pickles_load_like_plain_pickle(revisitop_dir, name):
     path = revisitop_dir / f"gnd_{name}.pkl"
@@ -114,16 +104,16 @@ def test_from_root_errors(tmp_path):
         RevisitedDataset.from_root(tmp_path, "oxford105k")
 
 
-def test_subset_json(subset_dir, revisitop_dir):
-    ds = RevisitedDataset.from_json(subset_dir / "gnd_rparis6k_subset.json")
+def test_subset_json(rparis6k_subset_dir, revisitop_dir):
+    ds = RevisitedDataset.from_json(rparis6k_subset_dir / "gnd_rparis6k_subset.json")
     assert ds.name == "rparis6k_subset"
     assert len(ds.imlist) == 238 and len(ds.qimlist) == 12 and len(ds.gnd) == 12
-    assert ds.images_dir == subset_dir / "jpg"
+    assert ds.images_dir == rparis6k_subset_dir / "jpg"
     ds.check_images()  # every database and query file exists
     assert all(ds.image_path(i).is_file() for i in range(len(ds.imlist)))
     assert all(ds.query_path(i).is_file() for i in range(len(ds.qimlist)))
     # Roles agree with the manifest, and the labels are the full rparis6k labels restricted to the subset.
-    with open(subset_dir / "manifest.csv", newline="") as f:
+    with open(rparis6k_subset_dir / "manifest.csv", newline="") as f:
         roles = {
             row["path"].removeprefix("jpg/").removesuffix(".jpg"): row["rparis6k_role"]
             for row in csv.DictReader(f)

@@ -169,6 +169,7 @@ def test_gradient_accumulation_equals_the_whole_batch_at_once(images, tmp_path):
         torch.testing.assert_close(runs[1][k], runs[0][k], rtol=1e-4, atol=1e-5, msg=k)
 
 
+@pytest.mark.slow
 def test_cli_resume_continues_a_stopped_run_with_its_saved_config(images, tmp_path, capsys):
     from tokenret.cli import train as command
 
