@@ -291,6 +291,7 @@ def test_faiss_flat_backend_ranks_like_exact(tmp_path):
         assert hits[0].path == index.image_path(hits[0].id)
 
 
+@pytest.mark.slow
 def test_hnsw_backend_recall_against_exact(tmp_path):
     x = clustered_vectors(3000, clusters=30)
     with vector_index(tmp_path, x) as index:

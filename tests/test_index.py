@@ -368,6 +368,7 @@ def recall_data():
         ("IVF64_HNSW32,PQ16x4fs", {"nprobe": 16, "refine_factor": 4}, 0.95),  # ivf_pq_spec's kind
     ],
 )
+@pytest.mark.slow
 def test_ann_recall_on_clustered_data(faiss, recall_data, spec, options, min_recall):
     x, q, exact = recall_data
     index = make_index(spec, 64, **options)
@@ -378,6 +379,7 @@ def test_ann_recall_on_clustered_data(faiss, recall_data, spec, options, min_rec
     assert report.nn_recall >= 0.95, str(report)  # the exact nearest neighbour is found too
 
 
+@pytest.mark.slow
 def test_refinement_raises_pq_recall(faiss, recall_data):
     x, q, exact = recall_data
     plain = FaissIndex("IVF64,PQ8", 64, nprobe=16)

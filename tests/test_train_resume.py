@@ -146,6 +146,7 @@ def test_resume_refuses_a_weights_only_file_and_reports_a_missing_one(images, tm
     assert t.resume_or_load(True) is False  # nothing in output_dir yet: a fresh start
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_the_whole_batch_at_once(images, tmp_path):
     """With BatchNorm statistics frozen (eval mode), 2 micro-batches of 4 update like one batch of 8."""
 
@@ -182,6 +183,7 @@ def test_cli_resume_continues_a_stopped_run_with_its_saved_config(images, tmp_pa
     assert extra["step"] == 6 and extra["config"]["train"]["stop_after_steps"] is None
 
 
+@pytest.mark.slow
 def test_init_checkpoint_starts_a_new_run_from_trained_weights(images, tmp_path):
     first = Trainer(_config(images, tmp_path / "a", "train.epochs=1"))
     first.train()
