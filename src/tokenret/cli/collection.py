@@ -205,6 +205,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
             checkpoint=checkpoint,
             backend=backend,
             refine=_refine_from_args(args, backend, None),
+            exist_ok=True,  # another `tokenret index` may be creating it right now: then it is opened
         )
     with index:
         counts = index.sync(target, model, progress=not args.quiet, **runtime_from_args(args))

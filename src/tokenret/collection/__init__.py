@@ -14,12 +14,14 @@ from tokenret.collection.binding import ModelBinding
 from tokenret.collection.catalogue import IndexMismatchError
 from tokenret.collection.duplicates import find_duplicate_groups
 from tokenret.collection.facade import ImageIndex, SearchHit
+from tokenret.collection.lock import IndexLockedError
 from tokenret.collection.recall import sampled_recall
 from tokenret.data.files import IMAGE_EXTENSIONS, find_images
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageIndex",
+    "IndexLockedError",
     "IndexMismatchError",
     "ModelBinding",
     "SearchHit",

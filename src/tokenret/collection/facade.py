@@ -30,9 +30,11 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +44,8 @@ from tqdm.auto import tqdm
 
 from tokenret.collection.ann import AnnCache, check_backend, resolve_backend
 from tokenret.collection.binding import ModelBinding, check_config, extraction_config, load_index_model
-from tokenret.collection.catalogue import FORMAT, Catalogue
+from tokenret.collection.catalogue import FORMAT, SETTINGS_FILE, Catalogue
+from tokenret.collection.lock import WriterLock
 from tokenret.data.files import find_images
 from tokenret.extraction import ExtractionConfig, extract_descriptors, model_fingerprint
 from tokenret.index.base import check_k, sort_results
@@ -59,10 +62,21 @@ class SearchHit:
     id: int
 
 
+def writes(method: Callable) -> Callable:
+    """An :class:`ImageIndex` method that writes: it runs holding the index's writer lock."""
+
+    @functools.wraps(method)
+    def locked(self: ImageIndex, *args: Any, **kwargs: Any) -> Any:
+        with self.writing():
+            return method(self, *args, **kwargs)
+
+    return locked
+
+
 class ImageIndex:
     """An on-disk index of images and their descriptors (see the module docstring)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, lock_timeout: float | None = None) -> None:
         self.catalogue = Catalogue(path)
         self.path = self.catalogue.path
         self.dim = self.catalogue.dim
@@ -71,6 +85,20 @@ class ImageIndex:
         #: use FAISS's fused float16 scan; for long-running servers (``tokenret serve``).
         self.vectors_in_memory = False
         self._binding: ModelBinding | None = None
+        #: Held by every write (``lock_timeout``: seconds to wait for another writer; None: as long as it
+        #: takes, 0: refuse at once with :class:`~tokenret.collection.lock.IndexLockedError`).
+        self.lock = WriterLock(self.path, lock_timeout)
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """Hold the writer lock (re-entrant) for a write; on taking it, forget what was read before, since
+        another writer may have changed the index meanwhile."""
+        first = not self.lock.held
+        with self.lock:
+            if first:
+                self.catalogue.changed()
+                self.catalogue.settings = self.catalogue.read_settings()
+            yield
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -92,38 +120,51 @@ class ImageIndex:
         checkpoint: str | Path | None = None,
         backend: str = "auto",
         refine: int | None = None,
+        exist_ok: bool = False,
     ) -> ImageIndex:
         """A new empty index for descriptors of ``model`` made with extraction ``config``.
 
-        ``backend`` and ``refine`` choose how searches run (see :meth:`set_backend`).
+        ``backend`` and ``refine`` choose how searches run (see :meth:`set_backend`). With ``exist_ok``, an
+        index already at ``path`` (made by another process meanwhile, say) is opened instead, and ``model``
+        and ``config`` must be its own.
         """
         config = config or ExtractionConfig()
         backend, refine = check_backend(backend, refine, int(model.descriptor_dim))
         path = Path(path)
-        if (path / "meta.sqlite").exists():
+        if (path / SETTINGS_FILE).exists() and not exist_ok:
             raise FileExistsError(f"{path} already holds an index; open it with ImageIndex(path)")
-        path.mkdir(parents=True, exist_ok=True)
-        if checkpoint is None:
-            # models made of several networks (local features + aggregator) save themselves in one file
-            save = getattr(model, "save_checkpoint", None)
-            checkpoint = (
-                save(path / "model.pth") if callable(save) else save_checkpoint(model, path / "model.pth")
-            )
-        checkpoint = Path(checkpoint).resolve()
-        settings = {
-            "format": FORMAT,
-            "dim": int(model.descriptor_dim),
-            "model": getattr(model, "model_name", type(model).__name__),
-            "model_kwargs": getattr(model, "model_kwargs", {}),
-            "model_sha256": model_fingerprint(model),
-            "checkpoint": str(checkpoint),
-            "checkpoint_sha256": sha256sum(checkpoint),
-            "extraction": config.fingerprint(),
-            "backend": backend,
-            "refine": refine,
-            "created": time.time(),
-        }
-        Catalogue.create(path, settings)
+        with WriterLock(path):  # two processes creating one index: the second finds the first's
+            if (path / SETTINGS_FILE).exists():
+                if not exist_ok:
+                    raise FileExistsError(f"{path} already holds an index; open it with ImageIndex(path)")
+                index = cls(path)
+                try:
+                    index.check_model(model, config)
+                except BaseException:
+                    index.close()
+                    raise
+                return index
+            if checkpoint is None:
+                # models made of several networks (local features + aggregator) save themselves in one file
+                save = getattr(model, "save_checkpoint", None)
+                checkpoint = (
+                    save(path / "model.pth") if callable(save) else save_checkpoint(model, path / "model.pth")
+                )
+            checkpoint = Path(checkpoint).resolve()
+            settings = {
+                "format": FORMAT,
+                "dim": int(model.descriptor_dim),
+                "model": getattr(model, "model_name", type(model).__name__),
+                "model_kwargs": getattr(model, "model_kwargs", {}),
+                "model_sha256": model_fingerprint(model),
+                "checkpoint": str(checkpoint),
+                "checkpoint_sha256": sha256sum(checkpoint),
+                "extraction": config.fingerprint(),
+                "backend": backend,
+                "refine": refine,
+                "created": time.time(),
+            }
+            Catalogue.create(path, settings)
         return cls(path)
 
     def close(self) -> None:
@@ -194,6 +235,7 @@ class ImageIndex:
 
     # -- changing ------------------------------------------------------------------------------
 
+    @writes
     def remove_paths(self, paths: Iterable[str | Path]) -> int:
         """Drop images (their vector rows become free space, reclaimed by :meth:`compact`).
 
@@ -202,6 +244,7 @@ class ImageIndex:
         """
         return self.catalogue.remove_paths(paths)
 
+    @writes
     def add_paths(
         self,
         paths: Sequence[str | Path],
@@ -244,6 +287,7 @@ class ImageIndex:
         self.update_ann()
         return counts
 
+    @writes
     def add_descriptors(self, paths: Sequence[str | Path], descriptors: np.ndarray) -> dict[str, int]:
         """Store descriptors made elsewhere for these image files, as if :meth:`add_paths` had made them.
 
@@ -279,6 +323,7 @@ class ImageIndex:
         del counts["failed"]
         return counts
 
+    @writes
     def sync(self, folder: str | Path, model: Any, progress: bool = True, **runtime: Any) -> dict[str, int]:
         """Make the index match ``folder``: add new images, re-describe changed ones, drop deleted ones."""
         folder = Path(folder).resolve()
@@ -291,6 +336,7 @@ class ImageIndex:
         counts["removed"] = removed
         return counts
 
+    @writes
     def compact(self) -> None:
         """Rewrite the vector file without the rows of removed or re-described images."""
         self.catalogue.compact()
@@ -311,6 +357,7 @@ class ImageIndex:
         """The spec searches use for ``n`` images (default: the current number): "exact" or a FAISS string."""
         return resolve_backend(self.backend, self.catalogue.content_state()[1] if n is None else n, self.dim)
 
+    @writes
     def set_backend(self, spec: str = "auto", refine: int | None = None, build: bool = True) -> str:
         """Record how searches run, and build the approximate index it needs.
 
@@ -347,6 +394,7 @@ class ImageIndex:
         """``"exact"`` (no approximate index needed), ``"current"``, ``"stale"`` or ``"missing"``."""
         return self.ann.status()
 
+    @writes
     def update_ann(self) -> bool:
         """Update (IVF, few changes) or build and save the approximate index unless the saved one covers the
         current images: the explicit step that makes a stale index searchable again (writes ``ann/``).
