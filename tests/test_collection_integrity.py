@@ -179,3 +179,147 @@ def test_the_lock_goes_with_a_killed_holder(tmp_path):
     with WriterLock(tmp_path / "idx", timeout=0) as lock:
         assert lock.held and lock.read_holder()["pid"] == os.getpid()
     assert lock.read_holder() is None  # released: names nobody
+
+
+# -- odd folder entries, orphan rows, non-finite descriptors -------------------------------------------
+
+
+def random_png(path, seed=0):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(path, format="PNG")
+
+
+@pytest.fixture
+def odd_folder(tmp_path):
+    """Two good photos beside every kind of entry that once stopped or stalled an indexing run."""
+    root = tmp_path / "photos"
+    (root / "sub").mkdir(parents=True)
+    random_png(root / "good1.png", 1)
+    random_png(root / "sub" / "good2.png", 2)
+    os.symlink(root / "loop_b.jpg", root / "loop_a.jpg")  # a.jpg -> b.jpg -> a.jpg
+    os.symlink(root / "loop_a.jpg", root / "loop_b.jpg")
+    os.symlink(tmp_path / "elsewhere" / "gone.jpg", root / "broken.jpg")
+    os.mkfifo(root / "pipe.jpg")
+    random_png(os.path.join(os.fsencode(root), b"caf\xff.png"), 3)  # a name that is not UTF-8
+    (root / "folder.jpg").mkdir()  # a folder named like an image: not an entry, walked into
+    return root
+
+
+def run_with_alarm(fn, seconds=120):
+    """``fn()``, failing (not hanging) if it blocks, as opening a named pipe would."""
+    import signal
+
+    def stalled(*_):
+        raise TimeoutError("blocked: an entry was opened that should have been skipped")
+
+    old = signal.signal(signal.SIGALRM, stalled)
+    signal.alarm(seconds)
+    try:
+        return fn()
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_odd_entries_are_skipped_and_recorded_under_their_own_path(odd_folder, tmp_path):
+    model = tiny_model()
+    with ImageIndex.create(tmp_path / "idx", model, ExtractionConfig(**CONFIG)) as index:
+        counts = run_with_alarm(lambda: index.sync(odd_folder, model, progress=False, num_workers=0))
+        assert counts == {"added": 2, "updated": 0, "unchanged": 0, "failed": 5, "removed": 0}
+        assert sorted(Path(p).name for p in index.paths()) == ["good1.png", "good2.png"]
+        reasons = {p: r for p, r in index.failures()}
+        root = str(odd_folder)
+        assert reasons[f"{root}/loop_a.jpg"] == reasons[f"{root}/loop_b.jpg"] == "symlink loop"
+        assert reasons[f"{root}/broken.jpg"] == f"broken symlink (to {tmp_path}/elsewhere/gone.jpg)"
+        assert reasons[f"{root}/pipe.jpg"] == "not a regular file (a named pipe)"
+        assert reasons[f"{root}/caf\\xff.png"].startswith("the file name is not valid UTF-8")
+        assert len(reasons) == 5
+        rows = (index.path / "vectors.f16").stat().st_size // (2 * index.dim)
+        assert rows == 2
+        # nothing changed: nothing is described or recorded again, no row is added
+        again = run_with_alarm(lambda: index.sync(odd_folder, model, progress=False, num_workers=0))
+        assert again == {"added": 0, "updated": 0, "unchanged": 7, "failed": 0, "removed": 0}
+        assert (index.path / "vectors.f16").stat().st_size // (2 * index.dim) == rows
+        # a broken link mended is described; entries that leave the folder leave the index
+        (tmp_path / "elsewhere").mkdir()
+        random_png(tmp_path / "elsewhere" / "gone.jpg", 4)
+        (odd_folder / "pipe.jpg").unlink()
+        third = run_with_alarm(lambda: index.sync(odd_folder, model, progress=False, num_workers=0))
+        assert third["updated"] == 1 and third["removed"] == 1 and third["failed"] == 0
+        assert f"{root}/broken.jpg" in index.paths()
+
+
+def test_an_unlistable_folder_is_recorded_and_the_rest_indexed(odd_folder, tmp_path, monkeypatch):
+    locked = odd_folder / "sub"
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        # as a folder without read permission (the tests may run as root, whom permissions do not stop)
+        if not isinstance(path, int) and os.fspath(path) == str(locked):
+            raise PermissionError(13, "Permission denied", str(locked))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    model = tiny_model()
+    with ImageIndex.create(tmp_path / "idx", model, ExtractionConfig(**CONFIG)) as index:
+        counts = run_with_alarm(lambda: index.sync(odd_folder, model, progress=False, num_workers=0))
+        assert counts["added"] == 1 and counts["failed"] == 6
+        assert dict(index.failures())[str(locked)] == "cannot read the folder: Permission denied"
+
+
+def test_a_failed_write_leaves_no_orphan_rows(tmp_path, monkeypatch):
+    folder = tmp_path / "img"
+    folder.mkdir()
+    names = [f"{i}.jpg" for i in range(6)]
+    for n in names:
+        (folder / n).touch()
+    vectors = np.stack([intended_vector(n) for n in names])
+    with ImageIndex.create(tmp_path / "idx", tiny_model(), ExtractionConfig(**CONFIG)) as index:
+        index.add_descriptors([folder / n for n in names[:2]], vectors[:2])
+        real = index.catalogue.db
+
+        class FailingCommit:
+            """The SQLite connection, failing the insert of the next chunk's records (after its vectors)."""
+
+            def __getattr__(self, name):
+                return getattr(real, name)
+
+            def __enter__(self):
+                return real.__enter__()
+
+            def __exit__(self, *exc):
+                return real.__exit__(*exc)
+
+            def executemany(self, sql, rows):
+                if sql.startswith("INSERT INTO images"):
+                    raise OSError("disk full")
+                return real.executemany(sql, rows)
+
+        index.catalogue.db = FailingCommit()
+        with pytest.raises(OSError, match="disk full"):
+            index.add_descriptors([folder / n for n in names[2:4]], vectors[2:4])
+        index.catalogue.db = real
+        assert (index.path / "vectors.f16").stat().st_size // (2 * index.dim) == 4  # 2 orphan rows now
+        index.add_descriptors([folder / n for n in names[2:]], vectors[2:])
+        vecs, ids, rows = index.vectors()
+        assert len(vecs) == 6 and sorted(rows.tolist()) == list(range(6))  # the orphans were reused
+        path_of = index.catalogue.paths_of(ids.tolist())
+        for i, r in zip(ids, rows, strict=True):
+            np.testing.assert_allclose(vecs[r], intended_vector(Path(path_of[int(i)]).name), atol=2e-3)
+
+
+def test_non_finite_descriptors_are_refused_with_the_file_named(tmp_path):
+    model = tiny_model()
+    with torch.no_grad():  # damaged weights: NaN in the last layer (a fused ReLU would hide NaN in the trunk)
+        list(model.parameters())[-1].fill_(float("nan"))
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    random_png(photos / "a.png", 1)
+    with ImageIndex.create(tmp_path / "idx", model, ExtractionConfig(**CONFIG)) as index:
+        counts = index.sync(photos, model, progress=False, num_workers=0)
+        assert counts["added"] == 0 and counts["failed"] == 1
+        [(path, reason)] = index.failures()
+        assert path == str(photos / "a.png") and "NaN or infinite" in reason
+        assert (index.path / "vectors.f16").stat().st_size == 0

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from tokenret.data.files import display_path, entry_path
 from tokenret.index.exact import ExactIndex
 
 FORMAT = "tokenret-image-index-v1"
@@ -31,6 +32,13 @@ SETTINGS_FILE = "meta.sqlite"
 VECTOR_FILE = "vectors.f16"
 #: Rows copied at a time when the vector file is rewritten.
 COPY_CHUNK = 65536
+
+
+#: The failure recorded for an image whose descriptor has NaN or infinite values.
+NOT_FINITE = (
+    "its descriptor has NaN or infinite values (the model's weights may be damaged: "
+    "check them with `tokenret info CHECKPOINT`)"
+)
 
 
 class IndexMismatchError(RuntimeError):
@@ -197,7 +205,13 @@ class Catalogue:
 
     def remove_paths(self, paths: Iterable[str | Path]) -> int:
         """Drop images (their vector rows become dead rows, reclaimed by :meth:`compact`)."""
-        keys = [(str(Path(p).resolve()),) for p in paths]
+        keys = []
+        for p in paths:
+            keys.append((display_path(p),))  # as recorded
+            try:
+                keys.append((display_path(entry_path(p)),))  # as a path relative to here, or through links
+            except (OSError, RuntimeError):
+                pass
         with self.db:
             before = self.db.total_changes
             self.db.executemany("DELETE FROM images WHERE path = ?", keys)
@@ -224,14 +238,21 @@ class Catalogue:
             counts: "added", "updated", "failed" counters, incremented here.
         """
         readable = sum(1 for t in part if t[2] is None)
+        descriptors = np.asarray(descriptors)
+        failures = dict(failures)
+        for i in range(readable):
+            if i not in failures and not np.isfinite(descriptors[i]).all():
+                failures[i] = ("", NOT_FINITE)
         ok = [i for i in range(readable) if i not in failures]
         vf = self.path / VECTOR_FILE
-        first_row = vf.stat().st_size // (2 * self.dim)
+        # rows past the last one a committed record may use are orphans (a write that failed before its
+        # records committed) or a torn tail: overwritten here
+        first_row = self.next_row()
         if ok:
             with open(vf, "r+b") as f:
-                f.truncate(first_row * 2 * self.dim)  # drop a torn tail left by an interrupted write
+                f.truncate(first_row * 2 * self.dim)
                 f.seek(0, os.SEEK_END)
-                f.write(np.asarray(descriptors)[ok].astype(np.float16).tobytes())
+                f.write(descriptors[ok].astype(np.float16).tobytes())
                 f.flush()
                 os.fsync(f.fileno())
         row_of = {i: first_row + j for j, i in enumerate(ok)}
@@ -246,8 +267,9 @@ class Catalogue:
                     row = row_of[r]
                 r += 1
             status = "ok" if error is None else "failed"
-            records.append((str(p), size, mtime, status, error, row, now))
-            counts["failed" if error else "updated" if str(p) in known else "added"] += 1
+            name = display_path(p)
+            records.append((name, size, mtime, status, error, row, now))
+            counts["failed" if error else "updated" if name in known else "added"] += 1
         with self.db:
             self.db.executemany(
                 "INSERT INTO images (path, size, mtime_ns, status, error, row, updated) "
@@ -256,7 +278,22 @@ class Catalogue:
                 "row=excluded.row, updated=excluded.updated",
                 records,
             )
+            self.db.execute(
+                "INSERT OR REPLACE INTO settings VALUES ('next_row', ?)", (json.dumps(first_row + len(ok)),)
+            )
+        self.settings["next_row"] = first_row + len(ok)
         self.changed()
+
+    def next_row(self) -> int:
+        """The first row of the vector file no committed record may use: where the next write goes.
+
+        Recorded with every write; an index written before it was recorded takes the row after the
+        highest one in use (rows of removed images at the end of the file are reused then)."""
+        recorded = self.read_settings().get("next_row")
+        if recorded is not None:
+            return int(recorded)
+        top = self.db.execute("SELECT MAX(row) FROM images").fetchone()[0]
+        return 0 if top is None else int(top) + 1
 
     def compact(self) -> None:
         """Rewrite the vector file without the rows of removed or re-described images."""
@@ -271,4 +308,6 @@ class Catalogue:
                 "UPDATE images SET row = ? WHERE id = ?",
                 [(int(r), int(i)) for r, i in zip(range(len(ids)), ids, strict=True)],
             )
+            self.db.execute("INSERT OR REPLACE INTO settings VALUES ('next_row', ?)", (json.dumps(len(ids)),))
+        self.settings["next_row"] = len(ids)
         self.changed()

@@ -46,7 +46,7 @@ from tokenret.collection.ann import AnnCache, check_backend, resolve_backend
 from tokenret.collection.binding import ModelBinding, check_config, extraction_config, load_index_model
 from tokenret.collection.catalogue import FORMAT, SETTINGS_FILE, Catalogue
 from tokenret.collection.lock import WriterLock
-from tokenret.data.files import find_images
+from tokenret.data.files import display_path, entry_path, scan_images, unreadable_reason
 from tokenret.extraction import ExtractionConfig, extract_descriptors, model_fingerprint
 from tokenret.index.base import check_k, sort_results
 from tokenret.models.checkpoints import save_checkpoint, sha256sum
@@ -251,11 +251,15 @@ class ImageIndex:
         model: Any,
         chunk: int = 64,
         progress: bool = True,
+        skipped: Sequence[tuple[str | Path, str]] = (),
         **runtime: Any,
     ) -> dict[str, int]:
         """Describe and store images that are new or changed since they were stored.
 
-        At the end the approximate index, if the backend uses one, is rebuilt to cover the images.
+        Entries that cannot be read as image files (broken links, symlink loops, named pipes, names that
+        are not UTF-8; see :func:`~tokenret.data.files.unreadable_reason`), and ``skipped`` entries (path,
+        reason) found by a folder scan, are recorded as failed under their own path, never opened. At the
+        end the approximate index, if the backend uses one, is brought up to date.
 
         Returns counts: added, updated, unchanged, failed.
         """
@@ -263,18 +267,21 @@ class ImageIndex:
         self.check_model(model, config)
         known = self.catalogue.file_stats()
         todo, counts = [], {"added": 0, "updated": 0, "unchanged": 0, "failed": 0}
-        for p in paths:
-            p = Path(p).resolve()
+        entries = [(entry_path(p), None) for p in paths] + [(entry_path(p), why) for p, why in skipped]
+        for p, reason in entries:
+            # an entry that cannot be read as an image file is recorded as failed and never opened (a named
+            # pipe would block); unchanged since it was recorded, it is not recorded again
+            reason = reason or unreadable_reason(p)
             try:
-                stat = file_stat(p)
+                stat = file_stat(p) if reason is None else entry_stat(p)
             except OSError as e:
-                todo.append((p, None, f"cannot stat: {e}"))
+                todo.append((p, None, f"cannot stat: {e.strerror}"))
                 continue
-            old = known.get(str(p))
+            old = known.get(display_path(p))
             if old is not None and tuple(old) == stat:
                 counts["unchanged"] += 1
                 continue
-            todo.append((p, stat, None))
+            todo.append((p, stat, reason))
         with tqdm(total=len(todo), desc="index", unit="img", disable=not progress) as bar:
             for start in range(0, len(todo), chunk):
                 part = todo[start : start + chunk]
@@ -304,7 +311,7 @@ class ImageIndex:
             )
         if not np.isfinite(x).all():
             raise ValueError("descriptors contain NaN or infinite values")
-        resolved = [Path(p).resolve() for p in paths]
+        resolved = [entry_path(p) for p in paths]
         if len(set(resolved)) != len(resolved):
             raise ValueError("paths repeat: each image can have one descriptor")
         part = []
@@ -327,12 +334,12 @@ class ImageIndex:
     def sync(self, folder: str | Path, model: Any, progress: bool = True, **runtime: Any) -> dict[str, int]:
         """Make the index match ``folder``: add new images, re-describe changed ones, drop deleted ones."""
         folder = Path(folder).resolve()
-        files = find_images(folder)
-        present = {str(p) for p in files}
+        scan = scan_images(folder)
+        present = {display_path(p) for p in scan.images} | {display_path(p) for p, _ in scan.skipped}
         prefix = str(folder) + os.sep
         stale = [p for p in self.catalogue.all_paths() if p.startswith(prefix) and p not in present]
         removed = self.remove_paths(stale)
-        counts = self.add_paths(files, model, progress=progress, **runtime)
+        counts = self.add_paths(scan.images, model, progress=progress, skipped=scan.skipped, **runtime)
         counts["removed"] = removed
         return counts
 
@@ -478,4 +485,11 @@ class ImageIndex:
 def file_stat(p: Path) -> tuple[int, int]:
     """(size, mtime_ns) of a file: what tells a changed file from an unchanged one."""
     st = p.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+def entry_stat(p: Path) -> tuple[int, int]:
+    """(size, mtime_ns) of the entry itself (a link, not its target): what tells a changed unreadable entry
+    from an unchanged one."""
+    st = os.lstat(p)
     return st.st_size, st.st_mtime_ns

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import io
 import math
+import os
+import stat
 import struct
 import warnings
 from pathlib import Path
@@ -214,6 +216,14 @@ def load_image(
         source, path = io.BytesIO(path), Path(IMAGE_DATA_NAME)
     else:
         source = path = Path(path)
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError as e:
+            raise ImageLoadError(path, "file not found") from e
+        except OSError as e:
+            raise ImageLoadError(path, f"{type(e).__name__}: {e}") from e
+        if not stat.S_ISREG(mode):  # opening a named pipe would block until something writes to it
+            raise ImageLoadError(path, "not a regular file (a folder, named pipe, socket or device)")
     limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     if box is not None:
         box = tuple(float(v) for v in box)
