@@ -546,3 +546,15 @@ def torch_no_grad():
     import torch
 
     return torch.no_grad()
+
+
+def test_the_index_command_brings_a_stale_ann_index_up_to_date(tmp_path, capsys):
+    x = clustered_vectors(300)
+    with vector_index(tmp_path, x) as index:
+        index.set_backend("HNSW32")
+        assert index.remove_paths(index.paths()[:10]) == 10  # removal alone leaves it stale
+        assert index.ann_status() == "stale"
+    assert main(["index", str(tmp_path / "vidx")]) == 0
+    assert ">> approximate index brought up to date: HNSW32" in capsys.readouterr().out
+    with ImageIndex(tmp_path / "vidx") as index:
+        assert index.ann_status() == "current" and index.ann_index().ntotal == 290

@@ -323,3 +323,70 @@ def test_non_finite_descriptors_are_refused_with_the_file_named(tmp_path):
         [(path, reason)] = index.failures()
         assert path == str(photos / "a.png") and "NaN or infinite" in reason
         assert (index.path / "vectors.f16").stat().st_size == 0
+
+
+# -- the store is checked ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def six_photo_index(tmp_path):
+    """An index of six random photos, stored two per write (three chunks of the vector file)."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(6):
+        random_png(photos / f"{i}.png", 10 + i)
+    model = tiny_model()
+    ckpt = save_checkpoint(model, tmp_path / "tiny.pth")
+    with ImageIndex.create(tmp_path / "idx", model, ExtractionConfig(**CONFIG), checkpoint=ckpt) as index:
+        index.add_paths(sorted(photos.glob("*.png")), model, chunk=2, progress=False, num_workers=0)
+        vecs, ids, rows = index.vectors()
+        stored = {index.image_path(int(i)): np.array(vecs[r]) for i, r in zip(ids, rows, strict=True)}
+    return tmp_path / "idx", model, stored
+
+
+def stored_vectors(index):
+    vecs, ids, rows = index.vectors()
+    return {index.image_path(int(i)): np.array(vecs[r]) for i, r in zip(ids, rows, strict=True)}
+
+
+def test_a_truncated_vector_file_is_refused_on_open_and_repaired(six_photo_index, capsys):
+    from tokenret.cli import main
+    from tokenret.collection import IndexDamagedError
+
+    path, model, before = six_photo_index
+    f = path / "vectors.f16"
+    f.write_bytes(f.read_bytes()[: -3 * 2 * 16])  # 3 of 6 rows gone
+    with pytest.raises(
+        IndexDamagedError, match=r"3 image\(s\) point past the end of vectors.f16 \(3 rows, 6"
+    ):
+        ImageIndex(path)
+    assert main(["index", str(path), "--report"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"tokenret index {path} --repair" in err
+    assert main(["index", str(path), "--repair", "--workers", "0", "--quiet"]) == 0
+    assert ">> repaired 3, unreadable 0; 6 images searchable" in capsys.readouterr().out
+    with ImageIndex(path) as index:
+        assert index.verify().ok and (path / "vectors.f16").stat().st_size == 6 * 2 * 16
+        after = stored_vectors(index)
+        assert sorted(after) == sorted(before)
+        for p in before:  # described again exactly as before
+            np.testing.assert_array_equal(after[p], before[p])
+
+
+def test_changed_bytes_are_found_by_the_chunk_checksums_and_repaired(six_photo_index):
+    path, model, before = six_photo_index
+    with open(path / "vectors.f16", "r+b") as f:  # one value of row 3 (the second chunk: rows 2-3)
+        f.seek((3 * 16 + 5) * 2)
+        f.write(np.float16(0.5).tobytes())
+    with ImageIndex(path) as index:  # the cheap check on open sees nothing
+        found = index.verify()
+        assert not found.ok and found.missing == [] and found.chunks_checked == 3
+        vecs, ids, rows = index.vectors()
+        assert sorted(found.damaged) == sorted(
+            index.image_path(int(i)) for i, r in zip(ids, rows, strict=True) if r in (2, 3)
+        )
+        assert index.repair(model, progress=False, num_workers=0) == {"repaired": 2, "failed": 0}
+        assert index.verify().ok
+        after = stored_vectors(index)
+        for p in before:
+            np.testing.assert_array_equal(after[p], before[p])

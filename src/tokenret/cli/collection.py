@@ -36,6 +36,11 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--out", help="index directory to create or update")
     p.add_argument("--report", action="store_true", help="list settings and unreadable files")
     p.add_argument(
+        "--repair",
+        action="store_true",
+        help="check every stored vector against its checksum and describe again those missing or damaged",
+    )
+    p.add_argument(
         "--check-recall", action="store_true", help="recall@k of the index's search backend vs exact search"
     )
     p.add_argument(
@@ -133,11 +138,27 @@ def local_pipeline_from_args(args: argparse.Namespace) -> Any:
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
-    from tokenret.collection import ImageIndex
+    from tokenret.collection import ImageIndex, IndexDamagedError
 
     target = Path(args.target)
-    if args.out is None:  # `tokenret index INDEX --report / --check-recall / --backend`
-        with ImageIndex(target) as index:
+    if args.out is None:  # `tokenret index INDEX --report / --check-recall / --backend / --repair`
+        with ImageIndex(target, check=False) as index:
+            if args.repair:
+                model = model_from_args(args) if (args.checkpoint or args.pretrained) else index.load_model()
+                counts = index.repair(model, progress=not args.quiet, **runtime_from_args(args))
+                print(
+                    f">> repaired {counts['repaired']}, unreadable {counts['failed']}; "
+                    f"{len(index)} images searchable"
+                )
+                print(f">> {index.verify().describe(index.path)}")
+                return 0
+            store = index.verify(full=False)
+            if not store.ok:
+                raise IndexDamagedError(store.describe(index.path))
+            if index.ann_status() in ("stale", "missing"):  # the explicit step searches leave to `index`
+                index.update_ann()
+                if not args.json:
+                    print(f">> approximate index brought up to date: {_describe_backend(index)}")
             if args.backend is not None or args.refine is not None:
                 backend = args.backend or index.backend
                 index.set_backend(backend, _refine_from_args(args, backend, index.refine))

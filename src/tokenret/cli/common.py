@@ -317,7 +317,18 @@ def run_parsed(args: argparse.Namespace) -> int:
     )
     try:
         return args.func(args)
-    except USER_ERRORS as e:
+    except Exception as e:
+        if not isinstance(e, USER_ERRORS + index_errors()):
+            raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"tokenret: error: {msg}", file=sys.stderr)
         return 2
+
+
+def index_errors() -> tuple[type[BaseException], ...]:
+    """The folder index's errors a user can act on (a damaged index, another writer, another model), once
+    the index has been imported (importing it only to name them would slow every command down)."""
+    collection = sys.modules.get("tokenret.collection")
+    if collection is None:
+        return ()
+    return (collection.IndexDamagedError, collection.IndexLockedError, collection.IndexMismatchError)

@@ -11,7 +11,7 @@ Example:
 
 from tokenret.collection.ann import default_qdrant_collection, qdrant_target
 from tokenret.collection.binding import ModelBinding
-from tokenret.collection.catalogue import IndexMismatchError
+from tokenret.collection.catalogue import IndexDamagedError, IndexMismatchError
 from tokenret.collection.duplicates import find_duplicate_groups
 from tokenret.collection.facade import ImageIndex, SearchHit
 from tokenret.collection.lock import IndexLockedError
@@ -21,6 +21,7 @@ from tokenret.data.files import IMAGE_EXTENSIONS, find_images
 __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageIndex",
+    "IndexDamagedError",
     "IndexLockedError",
     "IndexMismatchError",
     "ModelBinding",

@@ -19,6 +19,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,52 @@ NOT_FINITE = (
     "its descriptor has NaN or infinite values (the model's weights may be damaged: "
     "check them with `tokenret info CHECKPOINT`)"
 )
+
+
+#: One row per write of the vector file: its first row, its number of rows and the sha256 of their bytes.
+CHUNKS_TABLE = (
+    "CREATE TABLE IF NOT EXISTS chunks (first_row INTEGER PRIMARY KEY, n INTEGER NOT NULL, sha256 TEXT)"
+)
+
+
+class IndexDamagedError(RuntimeError):
+    """The catalogue and the vector file of an index disagree (a truncated or altered ``vectors.f16``)."""
+
+
+@dataclass
+class StoreCheck:
+    """What :meth:`Catalogue.check` found: the rows the file holds and expects, and the searchable images
+    whose vector is missing (past the end of the file) or damaged (its chunk's checksum differs, or it is not
+    finite)."""
+
+    rows_in_file: int
+    rows_expected: int
+    missing: list[str] = field(default_factory=list)
+    damaged: list[str] = field(default_factory=list)
+    chunks_checked: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.missing and not self.damaged
+
+    def describe(self, path: Path) -> str:
+        if self.ok:
+            return (
+                f"{path}: catalogue and vectors agree ({self.rows_expected} rows, "
+                f"{self.chunks_checked} chunks checked)"
+            )
+        parts = []
+        if self.missing:
+            parts.append(
+                f"{len(self.missing)} image(s) point past the end of {VECTOR_FILE} ({self.rows_in_file} "
+                f"rows, {self.rows_expected} expected: the file was truncated or replaced)"
+            )
+        if self.damaged:
+            parts.append(f"{len(self.damaged)} image(s) have vectors that changed since they were written")
+        return (
+            f"{path} is damaged: " + "; ".join(parts) + f". Run `tokenret index {path} --repair` to describe "
+            "them again (their files must still be readable)"
+        )
 
 
 class IndexMismatchError(RuntimeError):
@@ -77,6 +124,7 @@ class Catalogue:
                 "CREATE TABLE images (id INTEGER PRIMARY KEY, path TEXT UNIQUE NOT NULL, size INTEGER, "
                 "mtime_ns INTEGER, status TEXT NOT NULL, error TEXT, row INTEGER, updated REAL)"
             )
+            db.execute(CHUNKS_TABLE)
             db.executemany(
                 "INSERT INTO settings VALUES (?, ?)", [(k, json.dumps(v)) for k, v in settings.items()]
             )
@@ -201,6 +249,49 @@ class Catalogue:
         self._exact = (key, index)
         return index
 
+    def check(self, full: bool = False) -> StoreCheck:
+        """Whether the catalogue and the vector file agree.
+
+        Always: every searchable image's row lies inside the file (a cheap check, made on every open).
+        ``full``: also each recorded chunk's sha256 against the file's bytes, and every stored vector finite
+        (reads the whole file).
+        """
+        rows_in_file = (self.path / VECTOR_FILE).stat().st_size // (2 * self.dim)
+        rows_expected = self.next_row() if self.settings.get("next_row") is not None else rows_in_file
+        missing = [
+            p
+            for (p,) in self.db.execute(
+                "SELECT path FROM images WHERE status = 'ok' AND row >= ? ORDER BY path", (rows_in_file,)
+            )
+        ]
+        report = StoreCheck(rows_in_file, rows_expected, missing)
+        if not full or rows_in_file == 0:
+            return report
+        bad_rows: set[int] = set()
+        has_chunks = self.db.execute(
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'chunks'"
+        ).fetchone()[0]
+        vecs = self.vector_file()
+        if has_chunks:
+            for first, n, sha in self.db.execute(
+                "SELECT first_row, n, sha256 FROM chunks ORDER BY first_row"
+            ):
+                if first + n > rows_in_file:
+                    continue  # their images are missing, reported above
+                report.chunks_checked += 1
+                if hashlib.sha256(np.asarray(vecs[first : first + n]).tobytes()).hexdigest() != sha:
+                    bad_rows.update(range(first, first + n))
+        ids, rows, _ = self.covered()
+        inside = rows < rows_in_file
+        for start in range(0, len(rows), COPY_CHUNK):
+            part = rows[start : start + COPY_CHUNK][inside[start : start + COPY_CHUNK]]
+            finite = np.isfinite(np.asarray(vecs[part], dtype=np.float32)).all(axis=1)
+            bad_rows.update(part[~finite].tolist())
+        if bad_rows:
+            path_of_row = dict(self.db.execute("SELECT row, path FROM images WHERE status = 'ok'"))
+            report.damaged = sorted(path_of_row[r] for r in bad_rows if r in path_of_row)
+        return report
+
     # -- changing ------------------------------------------------------------------------------
 
     def remove_paths(self, paths: Iterable[str | Path]) -> int:
@@ -252,9 +343,11 @@ class Catalogue:
             with open(vf, "r+b") as f:
                 f.truncate(first_row * 2 * self.dim)
                 f.seek(0, os.SEEK_END)
-                f.write(descriptors[ok].astype(np.float16).tobytes())
+                data = descriptors[ok].astype(np.float16).tobytes()
+                f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
+        checksum = hashlib.sha256(data).hexdigest() if ok else None
         row_of = {i: first_row + j for j, i in enumerate(ok)}
         now, records, r = time.time(), [], 0
         for p, stat, error in part:
@@ -281,6 +374,10 @@ class Catalogue:
             self.db.execute(
                 "INSERT OR REPLACE INTO settings VALUES ('next_row', ?)", (json.dumps(first_row + len(ok)),)
             )
+            self.db.execute(CHUNKS_TABLE)
+            self.db.execute("DELETE FROM chunks WHERE first_row + n > ?", (first_row,))  # overwritten rows
+            if ok:
+                self.db.execute("INSERT INTO chunks VALUES (?, ?, ?)", (first_row, len(ok), checksum))
         self.settings["next_row"] = first_row + len(ok)
         self.changed()
 
@@ -299,11 +396,19 @@ class Catalogue:
         """Rewrite the vector file without the rows of removed or re-described images."""
         vecs, ids, rows = self.vectors()
         tmp = self.path / (VECTOR_FILE + ".tmp")
+        chunks = []
         with open(tmp, "wb") as f:
             for start in range(0, len(rows), COPY_CHUNK):
-                f.write(np.asarray(vecs[rows[start : start + COPY_CHUNK]], dtype=np.float16).tobytes())
+                data = np.asarray(vecs[rows[start : start + COPY_CHUNK]], dtype=np.float16).tobytes()
+                f.write(data)
+                chunks.append((start, min(COPY_CHUNK, len(rows) - start), hashlib.sha256(data).hexdigest()))
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, self.path / VECTOR_FILE)
         with self.db:
+            self.db.execute(CHUNKS_TABLE)
+            self.db.execute("DELETE FROM chunks")
+            self.db.executemany("INSERT INTO chunks VALUES (?, ?, ?)", chunks)
             self.db.executemany(
                 "UPDATE images SET row = ? WHERE id = ?",
                 [(int(r), int(i)) for r, i in zip(range(len(ids)), ids, strict=True)],

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -44,12 +45,14 @@ from tqdm.auto import tqdm
 
 from tokenret.collection.ann import AnnCache, check_backend, resolve_backend
 from tokenret.collection.binding import ModelBinding, check_config, extraction_config, load_index_model
-from tokenret.collection.catalogue import FORMAT, SETTINGS_FILE, Catalogue
+from tokenret.collection.catalogue import FORMAT, SETTINGS_FILE, Catalogue, IndexDamagedError, StoreCheck
 from tokenret.collection.lock import WriterLock
 from tokenret.data.files import display_path, entry_path, scan_images, unreadable_reason
 from tokenret.extraction import ExtractionConfig, extract_descriptors, model_fingerprint
 from tokenret.index.base import check_k, sort_results
 from tokenret.models.checkpoints import save_checkpoint, sha256sum
+
+log = logging.getLogger(__name__)
 
 #: Descriptors stored per transaction by :meth:`ImageIndex.add_descriptors`.
 STORE_CHUNK = 65536
@@ -76,8 +79,13 @@ def writes(method: Callable) -> Callable:
 class ImageIndex:
     """An on-disk index of images and their descriptors (see the module docstring)."""
 
-    def __init__(self, path: str | Path, lock_timeout: float | None = None) -> None:
+    def __init__(self, path: str | Path, lock_timeout: float | None = None, check: bool = True) -> None:
         self.catalogue = Catalogue(path)
+        if check:  # every searchable image's vector inside the file (cheap); `verify()` checks more
+            found = self.catalogue.check()
+            if not found.ok:
+                self.catalogue.close()
+                raise IndexDamagedError(found.describe(self.catalogue.path))
         self.path = self.catalogue.path
         self.dim = self.catalogue.dim
         self.ann = AnnCache(self.catalogue)
@@ -342,6 +350,28 @@ class ImageIndex:
         counts = self.add_paths(scan.images, model, progress=progress, skipped=scan.skipped, **runtime)
         counts["removed"] = removed
         return counts
+
+    def verify(self, full: bool = True) -> StoreCheck:
+        """Whether the catalogue and the vector file agree (``full``: every chunk's checksum and every
+        vector finite, reading the whole file); see :meth:`repair`."""
+        return self.catalogue.check(full)
+
+    @writes
+    def repair(self, model: Any, progress: bool = True, **runtime: Any) -> dict[str, int]:
+        """Describe again the images whose vectors are missing or damaged (:meth:`verify`), after dropping
+        them and compacting the vector file to the rows that are sound.
+
+        Returns counts: repaired (images re-described), failed (their files could not be read now).
+        """
+        found = self.catalogue.check(full=True)
+        bad = sorted(set(found.missing) | set(found.damaged))
+        if not bad:
+            return {"repaired": 0, "failed": 0}
+        log.warning("%s: describing %d image(s) again", self.path, len(bad))
+        self.catalogue.remove_paths(bad)
+        self.catalogue.compact()
+        counts = self.add_paths(bad, model, progress=progress, **runtime)
+        return {"repaired": counts["added"], "failed": counts["failed"]}
 
     @writes
     def compact(self) -> None:
