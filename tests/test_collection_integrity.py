@@ -390,3 +390,21 @@ def test_changed_bytes_are_found_by_the_chunk_checksums_and_repaired(six_photo_i
         after = stored_vectors(index)
         for p in before:
             np.testing.assert_array_equal(after[p], before[p])
+
+
+def test_a_query_box_outside_the_image_is_refused_by_the_cli_and_the_api(six_photo_index, capsys):
+    from tokenret.cli import main
+    from tokenret.extraction import ExtractionError
+
+    path, model, before = six_photo_index
+    query = sorted(before)[0]  # a 64x48 photo
+    t0 = time.monotonic()
+    assert main(["search", str(path), query, "--box", "900,900,5000,5000", "--workers", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") <= 2 and "0 <= x0 < x1 <= 64 and 0 <= y0 < y1 <= 48" in err and "outside" in err
+    assert time.monotonic() - t0 < 30  # refused, not padded to 4100x4100 and run
+    with ImageIndex(path) as index:
+        with pytest.raises(ExtractionError, match="outside the image"):
+            index.search_images([query], model, k=3, boxes=[(900, 900, 5000, 5000)], num_workers=0)
+        hits = index.search_images([query], model, k=3, boxes=[(0, 0, 64, 48)], num_workers=0)[0]
+        assert hits[0].path == query

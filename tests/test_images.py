@@ -209,10 +209,41 @@ def test_pixel_limit_is_configurable(tmp_path):
     with pytest.raises(ImageTooLargeError, match="3072"):
         load_image(path, max_pixels=3000)
     assert load_image(path, max_pixels=3072).size == (64, 48)
-    # A box reaching far outside the image (PIL pads it) is bounded too.
-    with pytest.raises(ImageTooLargeError, match="10000"):
+    # A box reaching outside the image is refused (it was padded, and bounded by the limit, before).
+    with pytest.raises(ImageLoadError, match="outside the image"):
         load_image(path, max_pixels=5000, box=(0, 0, 100, 100))
-    assert load_image(path, max_pixels=5000, box=(0, 0, 70, 50), max_size=None).size == (70, 50)
+    assert load_image(path, max_pixels=3072, box=(0, 0, 64, 48), max_size=None).size == (64, 48)
+
+
+@pytest.mark.parametrize(
+    ("box", "ok"),
+    [
+        ((0, 0, 64, 48), True),
+        ((-1, -1, 65, 49), True),  # one pixel of slack at each edge (a box drawn to the edge, rounded)
+        ((10.2, 5.5, 30.7, 20.1), True),
+        ((-1.5, 0, 30, 20), False),
+        ((0, 0, 65.5, 48), False),
+        ((900, 900, 5000, 5000), False),
+        ((30, 10, 20, 40), False),  # x1 < x0
+        ((10, 10, 10.4, 20), False),  # empty once rounded
+        ((0, 0, float("nan"), 20), False),
+    ],
+)
+def test_a_box_outside_the_image_is_refused_never_padded(tmp_path, box, ok):
+    from tokenret.data.images import check_box
+
+    path = tmp_path / "small.png"
+    Image.fromarray(gradient(64, 48)).save(path)
+    if ok:
+        assert check_box(box, (64, 48)) == tuple(float(v) for v in box)
+        img = load_image(path, max_size=None, box=box)
+        x0, y0, x1, y1 = (round(v) for v in box)
+        assert img.size == (x1 - x0, y1 - y0)
+    else:
+        with pytest.raises(ValueError, match=r"0 <= x0 < x1 <= 64 and 0 <= y0 < y1 <= 48"):
+            check_box(box, (64, 48))
+        with pytest.raises(ImageLoadError, match=r"small.png: a box is x0,y0,x1,y1"):
+            load_image(path, max_size=None, box=box)
 
 
 def test_error_survives_pickling(tmp_path):

@@ -139,8 +139,8 @@ def test_bad_requests_get_400s_and_the_server_keeps_answering(server, monkeypatc
         status, answer, _ = call(server, "/search", data, ctype)
         assert status == 400 and words in answer["error"], words
     for query, words in [("k=0", "k must be an integer from 1 to 1000"), ("k=ten", "k must be"),
-                         ("box=0,0,200,50", "box must be"), ("box=1,2,3", "box must be"),
-                         ("box=50,10,20,40", "box must be")]:  # fmt: skip
+                         ("box=0,0,200,50", "outside the image"), ("box=1,2,3", "a box is x0,y0,x1,y1"),
+                         ("box=50,10,20,40", "outside the image")]:  # fmt: skip
         status, answer, _ = call(server, "/search?" + query, good, "image/png")
         assert status == 400 and words in answer["error"], query
     status, answer, _ = call(server, "/search", good, "text/plain")

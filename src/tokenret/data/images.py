@@ -26,7 +26,7 @@ import stat
 import struct
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -48,6 +48,8 @@ __all__ = [
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+#: How far (pixels) a query box may reach past the image's edge.
+BOX_EDGE_SLACK = 1.0
 #: How an image given as bytes (an upload) is named in errors.
 IMAGE_DATA_NAME = "<image data>"
 
@@ -206,8 +208,9 @@ def load_image(
         A PIL image in RGB mode.
 
     Raises:
-        ImageTooLargeError: more than ``max_pixels`` pixels (in the file or in the requested box).
-        ImageLoadError: missing, truncated, unreadable or non-image file.
+        ImageTooLargeError: more than ``max_pixels`` pixels in the file.
+        ImageLoadError: missing, truncated, unreadable or non-image file, or a box outside the image
+            (:func:`check_box`).
 
     Example:
         >>> img = load_image("q.jpg", 1024, box=(136.5, 34.1, 648.5, 955.7))  # doctest: +SKIP
@@ -225,9 +228,6 @@ def load_image(
         if not stat.S_ISREG(mode):  # opening a named pipe would block until something writes to it
             raise ImageLoadError(path, "not a regular file (a folder, named pipe, socket or device)")
     limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
-    if box is not None:
-        box = tuple(float(v) for v in box)
-        box_size = _box_size(box)
     try:
         # Pillow's own over-limit warning is replaced by our error below.
         with warnings.catch_warnings():
@@ -239,7 +239,10 @@ def load_image(
                 img = to_rgb(opened)
                 full_side = max(img.size)
                 if box is not None:
-                    _check_pixels(path, box_size, limit)
+                    try:
+                        box = check_box(box, opened.size)
+                    except ValueError as e:
+                        raise ImageLoadError(path, str(e)) from None
                     img = img.crop(box)
     except Image.DecompressionBombError as e:
         raise ImageTooLargeError(path, f"{e} (raise PIL.Image.MAX_IMAGE_PIXELS to allow it)") from e
@@ -255,13 +258,28 @@ def load_image(
     return img
 
 
-def _box_size(box: tuple[float, float, float, float]) -> tuple[int, int]:
-    if len(box) != 4:
-        raise ValueError(f"box must be (x1, y1, x2, y2); got {box!r}")
-    x1, y1, x2, y2 = (round(float(v)) for v in box)
-    if x2 <= x1 or y2 <= y1:
-        raise ValueError(f"empty box {box!r}: need x2 > x1 and y2 > y1 after rounding")
-    return x2 - x1, y2 - y1
+def check_box(box: Any, size: tuple[int, int]) -> tuple[float, float, float, float]:
+    """A query box ``(x0, y0, x1, y1)`` as floats, if it lies inside an image of ``size`` = (width, height)
+    and is not empty once rounded (PIL crops at rounded coordinates); else ValueError stating the rule.
+
+    The same rule for every caller (the command line, the Python API, the server): a box outside the image
+    is refused, never padded (a padded crop is mostly black and, far outside, costs minutes and gigabytes).
+    A box may reach :data:`BOX_EDGE_SLACK` pixel past an edge (drawn to the edge, then rounded).
+    """
+    w, h = size
+    t = BOX_EDGE_SLACK
+    rule = f"a box is x0,y0,x1,y1 in the image's pixels with 0 <= x0 < x1 <= {w} and 0 <= y0 < y1 <= {h}"
+    try:
+        x0, y0, x1, y1 = (float(v) for v in box)
+    except (TypeError, ValueError):
+        raise ValueError(f"{rule}; got {box!r}") from None
+    inside = (
+        all(math.isfinite(v) for v in (x0, y0, x1, y1)) and -t <= x0 < x1 <= w + t and -t <= y0 < y1 <= h + t
+    )
+    if not inside or round(x1) <= round(x0) or round(y1) <= round(y0):
+        shown = ",".join(f"{v:g}" for v in (x0, y0, x1, y1))
+        raise ValueError(f"{rule}; got {shown}, {'empty once rounded' if inside else 'outside the image'}")
+    return x0, y0, x1, y1
 
 
 def _check_pixels(path: Path, size: tuple[int, int], limit: int | None) -> None:

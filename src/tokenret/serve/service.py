@@ -11,7 +11,6 @@ Example:
 from __future__ import annotations
 
 import io
-import math
 import threading
 import time
 import warnings
@@ -21,7 +20,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from tokenret.collection import ImageIndex
-from tokenret.data.images import ImageLoadError, load_image
+from tokenret.data.images import ImageLoadError, check_box, load_image
 from tokenret.extraction import ExtractionError
 
 #: Largest accepted upload (bytes); larger ones are answered 413.
@@ -216,20 +215,11 @@ def parse_box(value: Any, size: tuple[int, int]) -> tuple[float, float, float, f
     """
     if value is None or value == "":
         return None
-    w, h = size
-    rule = f"box must be x0,y0,x1,y1 with 0 <= x0 < x1 <= {w} and 0 <= y0 < y1 <= {h} (query pixels)"
-    parts = value.split(",") if isinstance(value, str) else list(value)
+    parts = value.split(",") if isinstance(value, str) else value
     try:
-        x0, y0, x1, y1 = (float(v) for v in parts)
-    except (TypeError, ValueError):
-        raise RequestError(400, f"{rule}, got {value!r}") from None
-    ok = all(math.isfinite(v) for v in (x0, y0, x1, y1))
-    # load_image crops at rounded coordinates: the rounded box must not be empty either
-    if not (
-        ok and 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h and round(x1) > round(x0) and round(y1) > round(y0)
-    ):
-        raise RequestError(400, f"{rule}, got {value!r}")
-    return (x0, y0, x1, y1)
+        return check_box(parts, size)  # the rule load_image applies to every query box
+    except ValueError as err:
+        raise RequestError(400, str(err)) from None
 
 
 def image_size(data: bytes) -> tuple[int, int]:
