@@ -149,6 +149,24 @@ def test_info_on_a_damaged_file_names_the_problem(tmp_path, capsys):
     assert "no exact match; closest is solar_r101" in out and "missing keys: pooling.v.weight" in out
 
 
+def test_info_flags_weights_with_nan_or_inf(tmp_path, capsys):
+    model = tokenret.create_model("token_r50", backbone="resnet18", dim=32, num_heads=4, out_dim=16)
+    with torch.no_grad():
+        model.backbone.block1[0].weight[0, 0, 0, 0] = float("nan")
+        list(model.parameters())[-1].fill_(float("inf"))
+    path = ck.save_checkpoint(model, tmp_path / "diverged.pth")
+    assert main(["info", str(path)]) == 1
+    out = capsys.readouterr().out
+    last = [k for k, _ in model.named_parameters()][-1]
+    assert "DAMAGED:     2 tensor(s) hold NaN or infinite values" in out
+    assert "backbone.block1.0.weight" in out and last in out
+    assert main(["info", str(path), "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["non_finite_keys"] == ["backbone.block1.0.weight", last]
+    healthy = ck.save_checkpoint(tokenret.create_model("token_r50", backbone="resnet18", dim=32, num_heads=4,
+                                                       out_dim=16), tmp_path / "ok.pth")  # fmt: skip
+    assert main(["info", str(healthy)]) == 0 and "DAMAGED" not in capsys.readouterr().out
+
+
 def test_info_on_a_non_checkpoint_is_an_error(tmp_path, capsys):
     path = tmp_path / "photo.pth"
     path.write_bytes(b"\xff\xd8\xff\xe0JFIF....")

@@ -53,4 +53,4 @@ def _cmd_info(args: argparse.Namespace) -> int:
     info = inspect_checkpoint(args.checkpoint)
     print(json.dumps(info.to_dict(), indent=2) if args.json else format_info(info))
     best = info.best
-    return 0 if best is not None and best.report.ok else 1
+    return 0 if best is not None and best.report.ok and not info.non_finite else 1

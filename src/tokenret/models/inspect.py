@@ -48,6 +48,8 @@ class CheckpointInfo:
     n_parameters: int
     ignored: list[str]
     matches: list[ModelMatch] = field(default_factory=list)
+    #: Keys of the tensors holding NaN or infinite values (a damaged file, or a diverged training run).
+    non_finite: list[str] = field(default_factory=list)
 
     @property
     def best(self) -> ModelMatch | None:
@@ -63,6 +65,7 @@ class CheckpointInfo:
             "n_tensors": self.n_tensors,
             "n_parameters": self.n_parameters,
             "ignored_keys": self.ignored,
+            "non_finite_keys": self.non_finite,
             "matches": best is not None and best.report.ok,
             "model": best.name if best else None,
             "model_kwargs": best.kwargs if best else None,
@@ -87,6 +90,9 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
         n_tensors=len(state),
         n_parameters=sum(v.numel() for k, v in state.items() if v.is_floating_point()),
         ignored=[k for k in state if k.startswith(ck.IGNORED_PREFIXES)],
+        non_finite=[
+            k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())
+        ],
     )
     names = [loaded.model_name] if loaded.model_name in list_models() else list_models()
     backbone = infer_backbone(state)
@@ -118,6 +124,11 @@ def format_info(info: CheckpointInfo) -> str:
         f"layout:      {info.layout}, {info.n_tensors} tensors, {info.n_parameters:,} numbers "
         "(parameters and BatchNorm statistics)",
     ]
+    if info.non_finite:
+        lines.append(
+            f"DAMAGED:     {len(info.non_finite)} tensor(s) hold NaN or infinite values "
+            f"({ck._listing(info.non_finite)}): descriptors made with these weights are meaningless"
+        )
     if info.ignored:
         lines.append(f"ignored:     {ck._listing(info.ignored)} (training-only margin head)")
     best = info.best
