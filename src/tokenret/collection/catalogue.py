@@ -257,7 +257,7 @@ class Catalogue:
         (reads the whole file).
         """
         rows_in_file = (self.path / VECTOR_FILE).stat().st_size // (2 * self.dim)
-        rows_expected = self.next_row() if self.settings.get("next_row") is not None else rows_in_file
+        rows_expected = self.next_row()
         missing = [
             p
             for (p,) in self.db.execute(
