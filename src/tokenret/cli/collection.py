@@ -104,10 +104,29 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument(
         "--host",
         default="127.0.0.1",
-        help="address to listen on (0.0.0.0: all interfaces, no authentication)",
+        help="address to listen on (0.0.0.0: all interfaces; warns unless an API key is set)",
     )
     p.add_argument("--port", type=int, default=8080, help="port (0: any free one)")
     p.add_argument("--checkpoint", help="the index's weights, if the recorded file moved")
+    p.add_argument(
+        "--api-key",
+        help="require this key on every request (X-API-Key, Bearer, or HTTP Basic password; "
+        "default: $TOKENRET_API_KEY)",
+    )
+    p.add_argument("--max-upload-mb", type=float, default=32, help="largest upload, in MB (default 32)")
+    p.add_argument(
+        "--max-pixels", type=int, default=40_000_000, help="most pixels of an uploaded image (default 40M)"
+    )
+    p.add_argument("--max-batch", type=int, default=8, help="most queries described together (default 8)")
+    p.add_argument(
+        "--max-queue", type=int, default=64, help="most searches waiting; more are answered 503 (default 64)"
+    )
+    p.add_argument(
+        "--max-connections", type=int, default=256, help="connections at once; more get 503 (default 256)"
+    )
+    p.add_argument(
+        "--timeout", type=float, default=60, help="seconds an upload may take to arrive (default 60)"
+    )
     add_device_argument(p)
     p.set_defaults(func=_cmd_serve)
 
@@ -368,10 +387,22 @@ def _cmd_duplicates(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from tokenret.serve import serve
+    from tokenret.serve import Limits, serve
 
     try:
-        serve(args.index, host=args.host, port=args.port, checkpoint=args.checkpoint, device=args.device)
+        serve(
+            args.index,
+            host=args.host,
+            port=args.port,
+            checkpoint=args.checkpoint,
+            device=args.device,
+            api_key=args.api_key,
+            limits=Limits(body_timeout=args.timeout, max_connections=args.max_connections),
+            max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+            max_pixels=args.max_pixels,
+            max_batch=args.max_batch,
+            max_queue=args.max_queue,
+        )
     except OSError as e:
         if isinstance(e, FileNotFoundError):
             raise

@@ -191,6 +191,13 @@ class Catalogue:
         ).fetchone()
         return row[0] if row else None
 
+    def image_record(self, image_id: int) -> tuple[str, int | None, int | None] | None:
+        """(path, size in bytes, modification time in ns) recorded for the searchable image with this id
+        when it was described, None when no such image is in the index."""
+        return self.db.execute(
+            "SELECT path, size, mtime_ns FROM images WHERE id = ? AND status = 'ok'", (int(image_id),)
+        ).fetchone()
+
     def paths_of(self, ids: Sequence[int]) -> dict[int, str]:
         """id -> path of the searchable images among ``ids``."""
         path_of: dict[int, str] = {}

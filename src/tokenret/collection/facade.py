@@ -233,6 +233,14 @@ class ImageIndex:
         """Path of the searchable image with this id, None when no such image is in the index."""
         return self.catalogue.image_path(image_id)
 
+    def image_record(self, image_id: int) -> tuple[str, int | None, int | None] | None:
+        """(path, size, mtime_ns) recorded for the searchable image with this id, or None."""
+        return self.catalogue.image_record(image_id)
+
+    def roots(self) -> list[str]:
+        """The folders indexed with :meth:`sync` (resolved absolute paths), in the order first synced."""
+        return list(self.settings.get("roots", []))
+
     def failures(self) -> list[tuple[str, str]]:
         """(path, reason) of every file that could not be read."""
         return self.catalogue.failures()
@@ -347,6 +355,8 @@ class ImageIndex:
         prefix = str(folder) + os.sep
         stale = [p for p in self.catalogue.all_paths() if p.startswith(prefix) and p not in present]
         removed = self.remove_paths(stale)
+        if str(folder) not in self.roots():
+            self.catalogue.write_settings(roots=[*self.roots(), str(folder)])
         counts = self.add_paths(scan.images, model, progress=progress, skipped=scan.skipped, **runtime)
         counts["removed"] = removed
         return counts

@@ -282,6 +282,54 @@ def check_box(box: Any, size: tuple[int, int]) -> tuple[float, float, float, flo
     return x0, y0, x1, y1
 
 
+def image_header(data: bytes | str | Path) -> tuple[tuple[int, int], int]:
+    """((width, height) as stored, EXIF orientation 1-8) of an image, read from its header alone (no pixel
+    is decoded, so a huge image costs nothing here).
+
+    Raises:
+        ImageLoadError: bytes or a file Pillow does not recognise.
+    """
+    source = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
+    name = Path(IMAGE_DATA_NAME) if isinstance(data, (bytes, bytearray)) else Path(data)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(source) as img:
+                return img.size, _orientation(img)
+    except Image.DecompressionBombError as e:
+        raise ImageTooLargeError(name, str(e)) from e
+    except _DECODE_ERRORS as e:
+        raise ImageLoadError(name, f"{type(e).__name__}: {e}") from e
+
+
+def upright_size(size: tuple[int, int], orientation: int) -> tuple[int, int]:
+    """(width, height) of an image of stored ``size`` once turned upright by its EXIF ``orientation``."""
+    return (size[1], size[0]) if orientation in (5, 6, 7, 8) else tuple(size)
+
+
+def stored_box(box: Any, size: tuple[int, int], orientation: int) -> tuple[float, float, float, float]:
+    """A box drawn on the upright image (EXIF orientation applied, as viewers show it) in the stored pixel
+    grid that ``load_image``'s ``box`` and the revisitop files use; ``size`` is the stored (width, height).
+
+    Checked first against the upright image by :func:`check_box` (ValueError when outside it).
+    """
+    w, h = size
+    x0, y0, x1, y1 = check_box(box, upright_size(size, orientation))
+    # where an upright point (u, v) lies in the stored grid, for each orientation (pixel-edge coordinates)
+    to_stored = {
+        1: lambda u, v: (u, v),
+        2: lambda u, v: (w - u, v),
+        3: lambda u, v: (w - u, h - v),
+        4: lambda u, v: (u, h - v),
+        5: lambda u, v: (v, u),
+        6: lambda u, v: (v, h - u),
+        7: lambda u, v: (w - v, h - u),
+        8: lambda u, v: (w - v, u),
+    }.get(orientation, lambda u, v: (u, v))
+    (a, b), (c, d) = to_stored(x0, y0), to_stored(x1, y1)
+    return min(a, c), min(b, d), max(a, c), max(b, d)
+
+
 def _check_pixels(path: Path, size: tuple[int, int], limit: int | None) -> None:
     if limit is not None and size[0] * size[1] > limit:
         raise ImageTooLargeError(

@@ -1,36 +1,62 @@
 """What ``tokenret serve`` answers, apart from HTTP: an index and its model, loaded once, searched with
 uploaded images the way ``tokenret search`` searches with files, and the request checks (``k``, box,
-upload) that turn a bad request into a :class:`RequestError` with a status and a message for the client.
+upload, pixels) that turn a bad request into a :class:`RequestError` with a status and a message for the
+client.
+
+Concurrent searches are micro-batched (:class:`~tokenret.serve.batching.MicroBatcher`): the queries that
+arrive together are described in one call of the extraction engine (images of equal size share a forward
+pass) and searched together; the queue is bounded and a full queue answers 503 at once.
+
+What a client sees never includes a server path: results and ``/health`` name files relative to the
+indexed folder, and errors name the image by id or that name.
 
 Example:
     >>> service = SearchService.open("photos.idx", device="cpu")          # doctest: +SKIP
     >>> service.search(open("query.jpg", "rb").read(), k=5)["results"][0]  # doctest: +SKIP
-    {'path': '/photos/query.jpg', 'score': 1.0, 'id': 17}
+    {'id': 17, 'name': 'query.jpg', 'score': 1.0}
 """
 
 from __future__ import annotations
 
+import base64
 import io
+import os
+import stat
 import threading
 import time
-import warnings
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+import numpy as np
 
 from tokenret.collection import ImageIndex
-from tokenret.data.images import ImageLoadError, check_box, load_image
-from tokenret.extraction import ExtractionError
+from tokenret.data.images import (
+    ImageLoadError,
+    ImageTooLargeError,
+    image_header,
+    load_image,
+    stored_box,
+    upright_size,
+)
+from tokenret.extraction import extract_descriptors
+from tokenret.serve.batching import MicroBatcher, Overloaded
 
 #: Largest accepted upload (bytes); larger ones are answered 413.
 MAX_UPLOAD_BYTES = 32 * 1024 * 1024
+#: Most pixels an uploaded image may have, read from its header before anything is decoded (larger: 413).
+MAX_PIXELS = 40_000_000
 #: Most results one search returns.
 MAX_K = 1000
 #: Results of a search that names no ``k``.
 DEFAULT_K = 20
 #: Allowed ``size`` of ``GET /image`` thumbnails (pixels, longest side).
 THUMBNAIL_SIDES = (16, 1024)
+#: Longest side of the query under the token attention maps.
+ATTENTION_SIDE = 512
+#: Files larger than this are not served by ``GET /image`` (bytes).
+MAX_SERVED_FILE = 256 * 1024 * 1024
 
 
 class RequestError(Exception):
@@ -42,17 +68,33 @@ class RequestError(Exception):
         self.message = message
 
 
-class SearchService:
-    """An index and its model, loaded once, and what the HTTP handler asks of them.
+@dataclass
+class Query:
+    """One search waiting for its batch: an uploaded image (or an indexed file's bytes), or a stored
+    vector (a search with an indexed image, no box)."""
 
-    Searches run one at a time: the model and the index's SQLite connection are shared by the
-    server's threads.
+    k: int
+    image: bytes | None = None
+    box: tuple[float, float, float, float] | None = None
+    vector: np.ndarray | None = None
+
+
+class SearchService:
+    """An index and its model, loaded once, and what the HTTP layer asks of them.
+
+    Searches go through a micro-batching queue served by one worker thread (the model runs there);
+    short reads of the index (a file's record, health) take ``db_lock``, never the model's time.
 
     Args:
         index: the open index.
         model: the index's model (checked against it here, once, by :meth:`ImageIndex.bind`).
         device: where queries are described (default: cuda if available).
         max_upload_bytes: largest accepted upload.
+        max_pixels: most pixels of an uploaded image (checked from its header, before decoding).
+        max_batch: most queries described in one call.
+        batch_window: seconds an idle worker waits for more queries after the first (queries that arrive
+            while a batch runs form the next batch without waiting).
+        max_queue: most queries waiting; beyond it, searches are refused at once (503).
     """
 
     def __init__(
@@ -61,117 +103,286 @@ class SearchService:
         model: Any,
         device: str | None = None,
         max_upload_bytes: int = MAX_UPLOAD_BYTES,
+        max_pixels: int = MAX_PIXELS,
+        max_batch: int = 8,
+        batch_window: float = 0.005,
+        max_queue: int = 64,
     ) -> None:
         self.binding = index.bind(model)
         self.index = index
         self.model = model
         self.device = device
         self.max_upload_bytes = int(max_upload_bytes)
-        self.lock = threading.Lock()  # one search at a time: shared model and SQLite connection
+        self.max_pixels = int(max_pixels)
+        self.config = self.binding.extraction_config(num_workers=0, device=device, batch_size=max_batch)
+        self.db_lock = threading.Lock()  # the index's SQLite connection is shared by threads
         index.vectors_in_memory = True  # a long-running server: single queries scan an in-memory copy
         # load the FAISS index now, not on the first query (a server never rebuilds it: while it is stale,
         # searches run exactly and `tokenret index` brings it up to date)
         index.ann_index()
+        self.batcher = MicroBatcher(
+            self._run_batch, max_batch=max_batch, window=batch_window, max_queue=max_queue
+        )
 
     @classmethod
     def open(
-        cls, index_path: str | Path, checkpoint: str | Path | None = None, device: str | None = None
+        cls,
+        index_path: str | Path,
+        checkpoint: str | Path | None = None,
+        device: str | None = None,
+        **options: Any,
     ) -> SearchService:
         """Open an index and load its model (from ``checkpoint`` when the recorded file moved)."""
         index = ImageIndex(index_path)
         try:
-            return cls(index, index.load_model(checkpoint), device=device)
+            return cls(index, index.load_model(checkpoint), device=device, **options)
         except BaseException:
             index.close()
             raise
 
     def close(self) -> None:
-        """Close the index."""
+        """Answer the queued searches, then close the index."""
+        self.batcher.close()
         self.index.close()
 
+    # -- what a client may know ------------------------------------------------------------------
+
+    @property
+    def has_attention(self) -> bool:
+        """Whether the model has token attention maps (Token models)."""
+        return hasattr(self.model, "attention_maps")
+
     def health(self) -> dict[str, Any]:
-        """Index size, model, extraction settings, search backend and limits, as JSON-ready values."""
-        with self.lock:
+        """Index name and size, model, extraction settings, search backend, limits and batching."""
+        with self.db_lock:
             s = self.index.settings
+            checkpoint = s.get("checkpoint")
             return {
                 "status": "ok",
-                "index": str(self.index.path.resolve()),
+                "index": self.index.path.resolve().name,
                 "images": len(self.index),
                 "model": s["model"],
                 "model_kwargs": s["model_kwargs"],
-                "checkpoint": s["checkpoint"],
+                "checkpoint": Path(checkpoint).name if checkpoint else None,
                 "dim": self.index.dim,
                 "extraction": s["extraction"],
                 "backend": self.index.backend,
-                "spec": self.index.backend_spec(),
+                "spec": _no_paths(self.index.backend_spec()),
                 "refine": self.index.refine,
                 "ann": self.index.ann_status(),
+                "attention": self.has_attention,
                 "max_k": MAX_K,
                 "max_upload_bytes": self.max_upload_bytes,
+                "max_pixels": self.max_pixels,
+                "batching": self.batcher.stats(),
             }
 
-    def search(self, image: bytes, k: Any = DEFAULT_K, box: Any = None) -> dict[str, Any]:
-        """Search with an uploaded image (bytes of any format Pillow reads), optionally a box of it.
+    def name_of(self, path: str) -> str:
+        """How a client sees an indexed file: its path relative to the indexed folder holding it (the
+        file name alone for a file indexed by path)."""
+        root = self._root_of(path)
+        return path[len(root) + 1 :] if root else Path(path).name
 
-        The query is described and searched exactly as ``tokenret search`` does with a file
-        (:meth:`ModelBinding.search_images`), from the bytes in memory.
+    def _root_of(self, path: str) -> str | None:
+        for root in self.index.roots():
+            if path.startswith(root.rstrip(os.sep) + os.sep):
+                return root.rstrip(os.sep)
+        return None
+
+    # -- searching -------------------------------------------------------------------------------
+
+    def submit(
+        self,
+        image: bytes | None = None,
+        k: Any = DEFAULT_K,
+        box: Any = None,
+        image_id: Any = None,
+        box_frame: str | None = None,
+    ) -> Future:
+        """Check a search request and queue it; the future's result is the answer of :meth:`search`.
+
+        Raises:
+            RequestError: as :meth:`search` (bad request: 4xx; queue full: 503).
+        """
+        k = parse_k(k)
+        frame = parse_frame(box_frame)
+        start = time.perf_counter()
+        if image_id is not None and image_id != "":
+            if image is not None:
+                raise RequestError(400, "send either an image or the id of an indexed image, not both")
+            image_id = parse_id(image_id)
+            if box is None or box == "":  # the stored vector: no forward pass
+                query = Query(k, vector=self.stored_vector(image_id))
+                size = None
+            else:
+                image = self.indexed_bytes(image_id)
+        if image is not None:
+            (size, orientation) = self.check_upload(image)
+            stored = parse_box(box, size, orientation, frame)
+            query = Query(k, image=image, box=stored)
+            size = upright_size(size, orientation)
+        elif image_id is None or image_id == "":
+            raise RequestError(400, "no query: send an image (form field 'image' or the body) or an id")
+        try:
+            future = self.batcher.submit(query)
+        except Overloaded:
+            raise RequestError(503, "the server is busy: too many searches are waiting; try again") from None
+        answer: Future = Future()
+
+        def done(f: Future) -> None:
+            err = f.exception()
+            if err is not None:
+                answer.set_exception(err)
+                return
+            answer.set_result(
+                {
+                    "results": f.result(),
+                    "k": k,
+                    "box": _box_out(box),
+                    "query_id": image_id if image_id not in (None, "") else None,
+                    "query_size": list(size) if size else None,
+                    "seconds": round(time.perf_counter() - start, 4),
+                }
+            )
+
+        future.add_done_callback(done)
+        return answer
+
+    def search(
+        self,
+        image: bytes | None = None,
+        k: Any = DEFAULT_K,
+        box: Any = None,
+        image_id: Any = None,
+        box_frame: str | None = None,
+    ) -> dict[str, Any]:
+        """Search with an uploaded image (bytes of any format Pillow reads), optionally a box of it, or
+        with an indexed image by id.
+
+        The query is described as ``tokenret search`` describes a file, from the bytes in memory, in a
+        batch with the searches that arrive at the same time; an id without a box searches with the
+        image's stored vector (no forward pass).
 
         Args:
             image: the uploaded file's bytes.
             k: number of results, 1 to :data:`MAX_K` (a string from the request, or None for 20).
-            box: ``"x0,y0,x1,y1"`` (or four numbers) in the uploaded image's pixels, or None.
+            box: ``"x0,y0,x1,y1"`` (or four numbers) in the query's pixels, or None.
+            image_id: search with this indexed image instead of an upload.
+            box_frame: ``"upright"`` (default: the image as viewers show it, EXIF orientation applied) or
+                ``"stored"`` (the file's pixel grid, as ``tokenret search --box`` and revisitop use).
 
         Returns:
-            ``{"results": [{"path", "score", "id"}, ...], "k", "box", "query_size", "seconds"}``.
+            ``{"results": [{"id", "name", "score"}, ...], "k", "box", "query_id", "query_size",
+            "seconds"}``.
 
         Raises:
-            RequestError: 400 for a bad ``k``, a bad box, or bytes that are not a readable image.
+            RequestError: 400 for a bad ``k``, box or id, or bytes that are not a readable image; 404 for an
+                id not in the index; 413 for too many pixels; 503 when too many searches wait.
         """
-        k = parse_k(k)
-        size = image_size(image)
-        box = parse_box(box, size)
-        start = time.perf_counter()
-        with self.lock:
-            try:
-                hits = self.binding.search_images(
-                    [image], k=k, boxes=[box] if box else None, num_workers=0, device=self.device
-                )[0]
-            except ExtractionError as err:
-                reason = next(iter(err.failures.values()))[1]
-                raise RequestError(400, f"the upload is not a readable image: {reason}") from err
-        return {
-            "results": [{"path": h.path, "score": h.score, "id": h.id} for h in hits],
-            "k": k,
-            "box": list(box) if box else None,
-            "query_size": list(size),
-            "seconds": round(time.perf_counter() - start, 4),
-        }
+        return self.submit(image, k, box, image_id, box_frame).result()
 
-    def image_file(self, image_id: Any) -> Path:
-        """The file of an image in the index, by id (never a path from the request).
+    def _run_batch(self, queries: list[Query]) -> list[Any]:
+        """Describe the uploaded queries together, search all of them, one result list (or error) each."""
+        vectors = np.zeros((len(queries), self.index.dim), dtype=np.float32)
+        errors: dict[int, Exception] = {}
+        uploads = [i for i, q in enumerate(queries) if q.vector is None]
+        if uploads:
+            boxes = [queries[i].box for i in uploads]
+            result = extract_descriptors(
+                self.model,
+                [queries[i].image for i in uploads],
+                boxes if any(b is not None for b in boxes) else None,
+                self.config,
+                on_error="record",
+                progress=False,
+            )
+            for j, i in enumerate(uploads):
+                if j in result.failures:
+                    reason = result.failures[j][1]
+                    errors[i] = RequestError(400, f"the upload is not a readable image: {reason}")
+                else:
+                    vectors[i] = result.descriptors[j]
+        for i, q in enumerate(queries):
+            if q.vector is not None:
+                vectors[i] = q.vector
+        ok = [i for i in range(len(queries)) if i not in errors]
+        answers: list[Any] = [errors.get(i) for i in range(len(queries))]
+        if ok:
+            k = max(queries[i].k for i in ok)
+            with self.db_lock:
+                hits = self.index.search(vectors[ok], k)
+            for i, row in zip(ok, hits, strict=True):
+                answers[i] = [
+                    {"id": h.id, "name": self.name_of(h.path), "score": h.score} for h in row[: queries[i].k]
+                ]
+        return answers
+
+    # -- indexed files ---------------------------------------------------------------------------
+
+    def stored_vector(self, image_id: int) -> np.ndarray:
+        """The stored descriptor of an indexed image (float32).
 
         Raises:
-            RequestError: 400 for an id that is not an integer, 404 for one not in the index or whose
-                file is gone.
+            RequestError: 404 for an id not in the index.
         """
-        try:
-            image_id = int(image_id)
-        except (TypeError, ValueError):
-            raise RequestError(400, f"id must be an integer image id, got {image_id!r}") from None
-        with self.lock:
-            path = self.index.image_path(image_id)
-        if path is None:
+        with self.db_lock:
+            if self.index.image_path(image_id) is None:
+                raise RequestError(404, f"no image with id {image_id} in the index")
+            return self.index.vector_index().reconstruct(np.array([image_id]))[0].astype(np.float32)
+
+    def indexed_bytes(self, image_id: Any) -> bytes:
+        """The bytes of an indexed image's file, if it is still the file that was indexed.
+
+        Served only when the file is still a regular file inside the indexed folder holding it (its real
+        path: a symlink pointing out of the folder is refused), with the size and modification time
+        recorded when it was described; the file is opened once and checked on the open descriptor.
+
+        Raises:
+            RequestError: 400 for an id that is not an integer; 404 for one not in the index, or whose file
+                is gone, changed, replaced or outside the indexed folder (the client learns no more).
+        """
+        image_id = parse_id(image_id)
+        with self.db_lock:
+            record = self.index.image_record(image_id)
+        if record is None:
             raise RequestError(404, f"no image with id {image_id} in the index")
-        if not Path(path).is_file():
-            raise RequestError(404, f"image {image_id} is indexed, but its file {path} is gone")
-        return Path(path)
+        path, size, mtime_ns = record
+        gone = RequestError(404, f"image {image_id} ({self.name_of(path)}) is no longer available as indexed")
+        root = self._root_of(path)
+        root_real = os.path.realpath(root) if root else os.path.realpath(os.path.dirname(path))
+        real = os.path.realpath(path)
+        if os.path.commonpath([real, root_real]) != root_real:
+            raise gone
+        try:
+            fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            raise gone from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_size != size or st.st_mtime_ns != mtime_ns:
+                raise gone
+            if st.st_size > MAX_SERVED_FILE:
+                raise RequestError(413, f"image {image_id} is larger than {MAX_SERVED_FILE} bytes")
+            with os.fdopen(fd, "rb", closefd=False) as f:
+                data = f.read()
+        finally:
+            os.close(fd)
+        if len(data) != size:
+            raise gone
+        return data
+
+    def image_file(self, image_id: Any) -> tuple[bytes, str]:
+        """(bytes, name) of an indexed image (see :meth:`indexed_bytes` for what is refused)."""
+        data = self.indexed_bytes(image_id)
+        with self.db_lock:
+            path = self.index.image_path(int(image_id))
+        return data, self.name_of(path or "")
 
     def thumbnail(self, image_id: Any, side: Any) -> bytes:
         """JPEG of an indexed image, at most ``side`` pixels a side (EXIF orientation applied).
 
         Raises:
-            RequestError: 400 for a ``side`` outside :data:`THUMBNAIL_SIDES`; as :meth:`image_file` for
-                the id; 404 when the file cannot be read now.
+            RequestError: 400 for a ``side`` outside :data:`THUMBNAIL_SIDES`; as :meth:`indexed_bytes`.
         """
         lo, hi = THUMBNAIL_SIDES
         try:
@@ -180,14 +391,64 @@ class SearchService:
             side = None
         if side is None or not lo <= side <= hi:
             raise RequestError(400, f"size must be an integer from {lo} to {hi}")
-        path = self.image_file(image_id)
+        data = self.indexed_bytes(image_id)
         try:
-            img = load_image(path, side)
+            img = load_image(data, side, max_pixels=self.max_pixels)
         except ImageLoadError as err:
-            raise RequestError(404, f"image {image_id} ({path}) cannot be read now: {err.reason}") from err
+            raise RequestError(404, f"image {image_id} cannot be read now: {err.reason}") from err
         out = io.BytesIO()
         img.save(out, "JPEG", quality=85)
         return out.getvalue()
+
+    def attention(self, image: bytes | None = None, box: Any = None, image_id: Any = None, box_frame=None):
+        """The query with each token's attention map laid over it, as ``data:image/jpeg`` URLs.
+
+        Raises:
+            RequestError: 409 when the model has no token attention; as :meth:`search` for the query.
+        """
+        from tokenret.viz import attention_overlays
+
+        if not self.has_attention:
+            raise RequestError(409, f"the model {self.index.settings['model']} has no token attention maps")
+        if image_id is not None and image_id != "":
+            if image is not None:
+                raise RequestError(400, "send either an image or the id of an indexed image, not both")
+            image = self.indexed_bytes(image_id)
+        if image is None:
+            raise RequestError(400, "no query: send an image (form field 'image' or the body) or an id")
+        size, orientation = self.check_upload(image)
+        stored = parse_box(box, size, orientation, parse_frame(box_frame))
+        try:
+            overlays = attention_overlays(self.model, image, max_size=ATTENTION_SIDE, box=stored)
+        except ImageLoadError as err:
+            raise RequestError(400, f"the upload is not a readable image: {err.reason}") from err
+        maps = []
+        for o in overlays:
+            out = io.BytesIO()
+            o.save(out, "JPEG", quality=85)
+            maps.append("data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode("ascii"))
+        return {"maps": maps, "box": _box_out(box)}
+
+    def check_upload(self, data: bytes) -> tuple[tuple[int, int], int]:
+        """(stored size, EXIF orientation) of an uploaded image, from its header, within the pixel limit.
+
+        Raises:
+            RequestError: 400 for an empty upload or bytes Pillow does not recognise; 413 for more than
+                ``max_pixels`` pixels.
+        """
+        if not data:
+            raise RequestError(400, "empty upload: send an image file")
+        try:
+            size, orientation = image_header(data)
+        except ImageTooLargeError:
+            size, orientation = None, 1
+        except ImageLoadError as err:
+            reason = err.reason.split(":")[0]
+            raise RequestError(400, f"the upload is not an image Pillow can read ({reason})") from None
+        if size is None or size[0] * size[1] > self.max_pixels:
+            shown = f"{size[0]}x{size[1]} pixels" if size else "too many pixels"
+            raise RequestError(413, f"the upload has {shown}; the limit is {self.max_pixels} pixels")
+        return size, orientation
 
 
 def parse_k(value: Any) -> int:
@@ -203,12 +464,40 @@ def parse_k(value: Any) -> int:
     except (TypeError, ValueError):
         k = None
     if k is None or not 1 <= k <= MAX_K:
-        raise RequestError(400, f"k must be an integer from 1 to {MAX_K}, got {value!r}")
+        raise RequestError(400, f"k must be an integer from 1 to {MAX_K}, got {_short(value)}")
     return k
 
 
-def parse_box(value: Any, size: tuple[int, int]) -> tuple[float, float, float, float] | None:
-    """A box ``"x0,y0,x1,y1"`` (or four numbers) inside an image of ``size`` = (width, height), or None.
+def parse_id(value: Any) -> int:
+    """An image id from a request (a non-negative integer that SQLite can hold).
+
+    Raises:
+        RequestError: 400 for anything else.
+    """
+    try:
+        image_id = int(value)
+    except (TypeError, ValueError):
+        image_id = None
+    if image_id is None or not 0 <= image_id < 2**63:
+        raise RequestError(400, f"id must be an integer image id, got {_short(value)}")
+    return image_id
+
+
+def parse_frame(value: Any) -> str:
+    """``box_frame``: ``"upright"`` (default) or ``"stored"``."""
+    if value is None or value == "":
+        return "upright"
+    if value not in ("upright", "stored"):
+        raise RequestError(400, f"box_frame must be 'upright' or 'stored', got {_short(value)}")
+    return value
+
+
+def parse_box(
+    value: Any, size: tuple[int, int], orientation: int = 1, frame: str = "stored"
+) -> tuple[float, float, float, float] | None:
+    """A box ``"x0,y0,x1,y1"`` (or four numbers) inside an image of stored ``size`` = (width, height), in
+    the stored pixel grid, or None. ``frame`` "upright": the box is on the image turned upright by its EXIF
+    ``orientation`` (as a browser shows it) and is mapped to the stored grid.
 
     Raises:
         RequestError: 400 for a malformed box, one outside the image, or one empty once rounded.
@@ -216,26 +505,25 @@ def parse_box(value: Any, size: tuple[int, int]) -> tuple[float, float, float, f
     if value is None or value == "":
         return None
     parts = value.split(",") if isinstance(value, str) else value
-    try:
-        return check_box(parts, size)  # the rule load_image applies to every query box
+    try:  # the rule load_image applies to every query box (check_box)
+        return stored_box(parts, size, orientation if frame == "upright" else 1)
     except ValueError as err:
         raise RequestError(400, str(err)) from None
 
 
-def image_size(data: bytes) -> tuple[int, int]:
-    """(width, height) of an uploaded image, from its header.
+def _box_out(box: Any) -> list[float] | None:
+    if box is None or box == "":
+        return None
+    parts = box.split(",") if isinstance(box, str) else box
+    return [float(v) for v in parts]
 
-    Raises:
-        RequestError: 400 for an empty upload, too many pixels, or bytes Pillow does not recognise.
-    """
-    if not data:
-        raise RequestError(400, "empty upload: send an image file")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                return img.size
-    except Image.DecompressionBombError as err:
-        raise RequestError(400, f"the upload has too many pixels: {err}") from err
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-        raise RequestError(400, f"the upload is not an image Pillow can read ({type(err).__name__})") from err
+
+def _short(value: Any, n: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def _no_paths(spec: str) -> str:
+    """A backend spec without a local file path (``faiss:/x/y.index`` shows ``faiss:y.index``)."""
+    head, sep, tail = spec.partition(":")
+    return f"{head}{sep}{Path(tail).name}" if sep and tail.startswith(os.sep) else spec
