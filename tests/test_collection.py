@@ -192,9 +192,20 @@ def test_show_writes_png_html_and_token_maps(photos, tmp_path, capsys):
     assert main(["show", str(out), str(query), "-k", "5", "--out", str(tmp_path / "show")]) == 0
     from PIL import Image
 
-    assert Image.open(tmp_path / "show" / "results.png").size == (6 * 200, 222)
+    # one row of query + 5 results, one row with the 4 token maps fitted into its cells
+    png = Image.open(tmp_path / "show" / "results.png").convert("RGB")
+    assert png.size == (6 * 200, 2 * 222)
+    overlay = Image.open(tmp_path / "show" / "img" / "token0.jpg").convert("RGB")
+    overlay.thumbnail((196, 196))
+    x, y = (200 - overlay.width) // 2, 222 + (200 - overlay.height) // 2
+    placed = png.crop((x, y, x + overlay.width, y + overlay.height))
+    assert np.abs(np.asarray(placed, float) - np.asarray(overlay, float)).mean() < 4  # JPEG rounding
     page = (tmp_path / "show" / "index.html").read_text()
     assert page.count('<img src="img/token') == 4  # L = 4 tokens, one attention map each
+    # each map is sized by its own figure, never wider than it (they overlapped their neighbours)
+    assert (
+        "figure img{display:block;max-width:100%;height:auto}" in page and "figure.map{width:400px}" in page
+    )
     assert str(query.resolve()) in page  # the query finds itself
     assert all((tmp_path / "show" / "img" / f"token{j}.jpg").is_file() for j in range(4))
 

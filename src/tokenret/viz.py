@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -113,44 +114,62 @@ def search_page(
     box=None,
     cell: int = 200,
 ) -> tuple[Path, Path]:
-    """Write ``results.png`` (query, then hits with scores) and ``index.html`` (the same, plus the query's
-    token attention maps) into ``out_dir``; returns both paths."""
+    """Write ``results.png`` (query, then hits with scores; below them the query's token attention maps,
+    one per cell) and ``index.html`` (the same, larger maps in their own row) into ``out_dir``; returns both
+    paths."""
     import html
 
     out_dir = Path(out_dir)
     (out_dir / "img").mkdir(parents=True, exist_ok=True)
     tiles = [_tile(Path(query_path), cell, BLUE, 4, box)] + [_tile(Path(h.path), cell, GREY, 2) for h in hits]
-    grid = Image.new("RGB", (len(tiles) * cell, cell + 22), (255, 255, 255))
+    overlays = attention_overlays(model, query_path, box=box) if model is not None else []
+    label_h = 22
+    rows = 1 + (math.ceil(len(overlays) / len(tiles)) if overlays else 0)
+    grid = Image.new("RGB", (len(tiles) * cell, rows * (cell + label_h)), (255, 255, 255))
     draw = ImageDraw.Draw(grid)
     for i, t in enumerate(tiles):
         grid.paste(t, (i * cell, 0))
         label = "query" if i == 0 else f"{i}: {hits[i - 1].score:.3f}"
         draw.text((i * cell + 6, cell + 4), label, fill=(0, 0, 0))
+    for j, o in enumerate(overlays):  # the token maps, fitted into cells under the results
+        row, col = divmod(j, len(tiles))
+        fitted = o.copy()
+        fitted.thumbnail((cell - 4, cell - 4))
+        x, y = col * cell, (row + 1) * (cell + label_h)
+        grid.paste(fitted, (x + (cell - fitted.width) // 2, y + (cell - fitted.height) // 2))
+        draw.text((x + 6, y + cell + 4), f"token {j + 1}", fill=(0, 0, 0))
     png = out_dir / "results.png"
     grid.save(png)
     for i, t in enumerate(tiles):
         t.save(out_dir / "img" / f"{i}.jpg", quality=90)
-    overlays = attention_overlays(model, query_path, box=box) if model is not None else []
     for j, o in enumerate(overlays):
         o.save(out_dir / "img" / f"token{j}.jpg", quality=90)
-    rows = "\n".join(
-        f'<figure><img src="img/{i}.jpg"><figcaption>{i}. {h.score:.4f}<br>{html.escape(str(h.path))}'
-        "</figcaption></figure>"
+    results = "\n".join(
+        f'<figure><img src="img/{i}.jpg" alt="result {i}"><figcaption>{i}. {h.score:.4f}<br>'
+        f"{html.escape(str(h.path))}</figcaption></figure>"
         for i, h in enumerate(hits, start=1)
     )
     tokens = "\n".join(
-        f'<figure><img src="img/token{j}.jpg"><figcaption>token {j + 1}</figcaption></figure>'
+        f'<figure class="map"><img src="img/token{j}.jpg" alt="token {j + 1}"><figcaption>token {j + 1}'
+        "</figcaption></figure>"
         for j in range(len(overlays))
     )
     title = html.escape(str(query_path))
+    map_width = 2 * cell
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>tokenret: {title}</title>
-<style>body{{font-family:sans-serif}}
-figure{{display:inline-block;margin:4px;width:{cell}px;vertical-align:top}}
+<style>body{{font-family:sans-serif;margin:1em}}
+.row{{display:flex;flex-wrap:wrap;gap:8px;align-items:flex-start}}
+figure{{margin:0;width:{cell}px}}
+figure.map{{width:{map_width}px}}
+figure img{{display:block;max-width:100%;height:auto}}
 figcaption{{font-size:12px;word-break:break-all}}</style></head><body>
-<h2>Query</h2><figure><img src="img/0.jpg"><figcaption>{html.escape(str(query_path))}</figcaption></figure>
-{"<h2>Where each token looks</h2>" + tokens if tokens else ""}
+<h2>Query</h2><div class="row"><figure><img src="img/0.jpg" alt="query">
+<figcaption>{html.escape(str(query_path))}</figcaption></figure></div>
+{'<h2>Where each token looks</h2><div class="row">' + tokens + "</div>" if tokens else ""}
 <h2>Results</h2>
-{rows}
+<div class="row">
+{results}
+</div>
 </body></html>"""
     page_path = out_dir / "index.html"
     page_path.write_text(page, encoding="utf-8")
