@@ -82,7 +82,7 @@ def test_commands_that_extract_share_the_run_time_flags_and_defaults():
         }, name
     for name in ("evaluate", "index", "extract-local"):  # the commands that choose how images are sized
         args = parser.parse_args(EXTRACTING[name])
-        assert (args.max_size, args.scales) == (1024, None), name
+        assert (args.max_size, args.scales) == (None, None), name  # None: the model's own
     # local extraction takes the same flags as global extraction
     config = local_config_from_args(parser.parse_args([*EXTRACTING["extract-local"], "--streams", "1"]))
     assert (config.max_size, config.num_workers, config.streams, config.device) == (1024, 2, 1, None)

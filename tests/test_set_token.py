@@ -121,7 +121,7 @@ def test_registry_entries_have_token_sizes_no_trunk_and_no_weights():
         assert model.model_name == name and "backbone" not in model.model_kwargs
     with pytest.raises(ValueError, match="no released weights"):
         tokenret.create_model("token_set_how_r50", pretrained=True)
-    with pytest.raises(TypeError, match="has no trunk"):
+    with pytest.raises(TypeError, match="has no torchvision trunk"):
         tokenret.create_model("token_set_how_r50", backbone="resnet50")
 
 

@@ -5,8 +5,10 @@ Every command that extracts descriptors takes the same flags with the same defau
 
 * :func:`add_model_arguments`: the global model (``--model``, ``--checkpoint``/``--pretrained``,
   ``--model-arg``).
-* :func:`add_image_arguments`: how images are sized (``--max-size``, ``--scales``).
-* :func:`add_network_arguments`: how the global network runs (``--amp``, ``--compile``).
+* :func:`add_image_arguments`: how images are sized (``--max-size``, ``--scales``); left out, the model's
+  own input convention decides (Token: 1024 px, 3 scales; SuperGlobal: the file's size, its 3 scales).
+* :func:`add_network_arguments`: how the global network runs and its scales combine (``--amp``,
+  ``--compile``, ``--scale-pool``).
 * :func:`add_runtime_arguments`: how the work is run, never what it computes (``--batch-size``,
   ``--workers``, ``--streams``, ``--device``, ``--no-winograd``).
 * :func:`add_extraction_arguments`: the last three together, for commands that choose their own settings.
@@ -43,6 +45,7 @@ __all__ = [
     "extraction_config_from_args",
     "local_config_from_args",
     "local_model_from_args",
+    "max_size_from_args",
     "model_from_args",
     "parse_key_values",
     "run_parsed",
@@ -86,22 +89,43 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-arg", nargs="*", metavar="KEY=VALUE", help="architecture overrides, e.g. dim=512")
 
 
-def add_max_size_argument(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """``--max-size``: the longest image side after loading."""
-    p.add_argument("--max-size", type=int, default=1024, help="longest image side (never enlarged)")
+def add_max_size_argument(
+    p: argparse.ArgumentParser | argparse._ArgumentGroup, *, model_default: bool = False
+) -> None:
+    """``--max-size``: the longest image side after loading. With ``model_default`` it defaults to None,
+    the model's own (:func:`max_size_from_args`); 0 keeps the file's size."""
+    if model_default:
+        p.add_argument(
+            "--max-size",
+            type=int,
+            default=None,
+            help="longest image side, never enlarged (default: the model's: 1024 for Token and the "
+            "cirtorch baselines, the file's own size for SuperGlobal; 0: the file's own size)",
+        )
+    else:
+        p.add_argument("--max-size", type=int, default=1024, help="longest image side (never enlarged)")
+
+
+def max_size_from_args(value: int | None, model_default: int | None = 1024) -> int | None:
+    """``--max-size`` as ``ExtractionConfig.max_size``: None (not given) -> ``model_default``; 0 -> None."""
+    if value is None:
+        return model_default
+    if value < 0:
+        raise ValueError(f"--max-size must be positive (0: the file's own size), got {value}")
+    return None if value == 0 else value
 
 
 def add_image_arguments(p: argparse.ArgumentParser) -> None:
     """How images are sized before the network sees them: ``--max-size`` and ``--scales``."""
     g = p.add_argument_group("images")
-    add_max_size_argument(g)
+    add_max_size_argument(g, model_default=True)
     g.add_argument(
         "--scales",
         type=float,
         nargs="+",
         default=None,
-        help=f"multi-scale factors (default {', '.join(f'{s:.4g}' for s in RELEASE_SCALES)}; "
-        "with --local the extractor's own pyramid)",
+        help=f"multi-scale factors (default: the model's, {', '.join(f'{s:.4g}' for s in RELEASE_SCALES)} "
+        "for Token; with --local the extractor's own pyramid)",
     )
 
 
@@ -114,6 +138,14 @@ def add_network_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="torch.compile the trunk, weights frozen (a one-off compilation, then faster on CPU; needs g++; "
         "see bench/README.md)",
+    )
+    g.add_argument(
+        "--scale-pool",
+        default="model",
+        metavar="POOL",
+        help="how the scales' descriptors combine: mean, gem, gem:P, sgem (SuperGlobal's sGeM: L2, then "
+        "element-wise max), sgem:P (its power form, e.g. sgem:10); default: the model's own (mean for "
+        "Token, gem for cirtorch GeM networks, sgem for SuperGlobal)",
     )
 
 
@@ -227,12 +259,16 @@ def model_from_args(args: argparse.Namespace) -> Any:
 
 
 def extraction_config_from_args(args: argparse.Namespace) -> Any:
-    """The :class:`tokenret.extraction.ExtractionConfig` of :func:`add_extraction_arguments`."""
+    """The :class:`tokenret.extraction.ExtractionConfig` of :func:`add_extraction_arguments`; what is not
+    given comes from the input convention of the ``--model`` registry entry."""
     from tokenret.extraction import ExtractionConfig
+    from tokenret.models.registry import get_model_config
 
+    convention = get_model_config(getattr(args, "model", DEFAULT_MODEL)).input_convention
     return ExtractionConfig(
-        max_size=args.max_size,
-        scales=tuple(args.scales) if args.scales else RELEASE_SCALES,
+        max_size=max_size_from_args(args.max_size, convention.max_size),
+        scales=tuple(args.scales) if args.scales else convention.scales,
+        scale_pool=getattr(args, "scale_pool", "model"),
         batch_size=args.batch_size,
         num_workers=args.workers,
         amp=args.amp,
@@ -272,7 +308,7 @@ def local_config_from_args(args: argparse.Namespace) -> Any:
     from tokenret.extraction import LocalExtractionConfig
 
     return LocalExtractionConfig(
-        max_size=args.max_size,
+        max_size=max_size_from_args(args.max_size),
         scales=tuple(args.scales) if args.scales else None,
         topk=args.topk,
         num_workers=args.workers,

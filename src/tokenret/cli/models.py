@@ -30,7 +30,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
         cfg = get_model_config(name)
         w = cfg.weights
         paper = " / ".join(f"{v:.2f}" for v in w.paper_map) if w and w.paper_map else "-"
-        trunk = cfg.backbone or "- (sets)"
+        trunk = cfg.backbone or cfg.trunk or "- (sets)"
         rows.append((name, trunk, str(cfg.descriptor_dim), w.filename if w else "-", paper))
     header = ("model", "backbone", "dim", "released weights", "paper mAP ROxf M/H, RPar M/H")
     _print_table(header, rows)

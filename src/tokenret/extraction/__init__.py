@@ -5,6 +5,7 @@
 - :mod:`~tokenret.extraction.network`: inference copies of a model and the cache of the last one;
 - :mod:`~tokenret.extraction.shards`: sharded, resumable stores;
 - :mod:`~tokenret.extraction.descriptors`: multi-scale global descriptors (:func:`extract_descriptors`);
+- :mod:`~tokenret.extraction.multiscale`: resizing to a test scale and combining the scales;
 - :mod:`~tokenret.extraction.local_sets`: local descriptor sets (:func:`extract_local_sets`).
 
 Example:
@@ -21,7 +22,6 @@ from tokenret.extraction.descriptors import (
     extract_descriptors,
     inference_network,
     model_fingerprint,
-    multiscale_descriptor,
 )
 from tokenret.extraction.image_list import Box, ExtractionError, ImageList
 from tokenret.extraction.local_sets import (
@@ -30,6 +30,7 @@ from tokenret.extraction.local_sets import (
     extract_local_sets,
     normalisation,
 )
+from tokenret.extraction.multiscale import combine_scales, multiscale_descriptor, resize_to_scale
 from tokenret.extraction.shards import ShardStore
 from tokenret.extraction.streams import resolve_device
 
@@ -43,11 +44,13 @@ __all__ = [
     "LocalExtractionConfig",
     "LocalExtractionResult",
     "ShardStore",
+    "combine_scales",
     "extract_descriptors",
     "extract_local_sets",
     "inference_network",
     "model_fingerprint",
     "multiscale_descriptor",
     "normalisation",
+    "resize_to_scale",
     "resolve_device",
 ]

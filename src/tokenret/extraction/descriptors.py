@@ -1,9 +1,13 @@
 """Descriptor extraction: the engine under evaluation, indexing and every other command.
 
 Images are loaded by DataLoader workers (robust loading, resize, query crop), grouped into batches of
-equal size, run at several scales and combined as the release does: each scale's L2-normalised
-descriptor is summed, divided by the number of scales and L2-normalised again. Resizing for a scale s
-is ``F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)`` on the normalised tensor.
+equal size, run at several scales and combined. Each model's input convention
+(:mod:`tokenret.models.convention`) says how: channel order and mean/std, how query boxes are cut, how a
+scale is resized and how the scales combine. Token and the cirtorch baselines (the release's protocol):
+RGB, each scale by ``F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)`` on the
+normalised tensor, the scales' L2-normalised descriptors summed, divided by their number and
+L2-normalised again. SuperGlobal: BGR, torchvision's tensor resize, sGeM. :meth:`ExtractionConfig.for_model`
+takes the image size and scales from the model too.
 
 With ``out_dir`` the descriptors are written in shards (``shard_00000.npy`` ...) beside a manifest; an
 interrupted run resumes without recomputing finished shards, and under ``torchrun`` each process takes
@@ -30,7 +34,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -43,15 +46,27 @@ from tokenret.extraction.image_list import (
     equal_size_batches,
     list_fingerprint,
 )
+from tokenret.extraction.multiscale import multiscale_descriptor
 from tokenret.extraction.network import LastCopy, check_compiler, weights_state
 from tokenret.extraction.shards import ShardStore, extract_unsharded
 from tokenret.extraction.streams import autocast, check_streams, resolve_device, resolve_streams, run_streams
+from tokenret.models.convention import CIRTORCH_SCALES, InputConvention, input_convention, parse_scale_pool
 from tokenret.models.fuse import fold_batchnorm, fuse_activations
 
 log = logging.getLogger(__name__)
 
 #: The release's test scales.
-RELEASE_SCALES = (1.0, 2**0.5, 2**-0.5)
+RELEASE_SCALES = CIRTORCH_SCALES
+
+__all__ = [
+    "RELEASE_SCALES",
+    "ExtractionConfig",
+    "ExtractionResult",
+    "extract_descriptors",
+    "inference_network",
+    "model_fingerprint",
+    "multiscale_descriptor",
+]
 
 
 @dataclass
@@ -89,6 +104,13 @@ class ExtractionConfig:
             larger CPUs (not measured there; one batch in memory per stream).
         device: "cpu", "cuda", "cuda:1", ... (default: cuda when available).
         shard_size: images per shard file when writing to disk.
+        scale_pool: how the scales combine (:data:`~tokenret.models.convention.SCALE_POOLS`); "model"
+            (default): the model's own (mean for Token, the generalised mean of cirtorch's GeM networks,
+            sGeM for SuperGlobal).
+
+    ``max_size`` and ``scales`` default to the Token release's; :meth:`for_model` takes them from a model's
+    input convention instead (what ``extract_descriptors(model, paths)`` does without a config, and the
+    command line without ``--max-size`` / ``--scales``).
     """
 
     max_size: int | None = 1024
@@ -104,6 +126,7 @@ class ExtractionConfig:
     winograd: bool = True
     device: str | None = None
     shard_size: int = 1000
+    scale_pool: str = "model"
 
     def __post_init__(self) -> None:
         self.scales = tuple(float(s) for s in self.scales)
@@ -111,7 +134,34 @@ class ExtractionConfig:
             raise ValueError(f"scales must be positive numbers, got {self.scales}")
         if self.amp not in ("off", "bf16", "fp16"):
             raise ValueError(f"amp must be 'off', 'bf16' or 'fp16', got {self.amp!r}")
+        if self.scale_pool != "model":
+            parse_scale_pool(self.scale_pool)
         check_streams(self.streams)
+
+    @classmethod
+    def for_model(cls, model: nn.Module, **settings: Any) -> ExtractionConfig:
+        """The settings of ``model``'s input convention (image size, scales), with ``settings`` on top.
+
+        Example:
+            >>> model = create_model("superglobal_r101")                         # doctest: +SKIP
+            >>> config = ExtractionConfig.for_model(model, batch_size=1)         # doctest: +SKIP
+            >>> config.max_size, config.scales                                   # doctest: +SKIP
+            (None, (0.7071, 1.0, 1.4142))
+        """
+        conv = input_convention(model)
+        return cls(**{"max_size": conv.max_size, "scales": conv.scales, **settings})
+
+    @classmethod
+    def from_fingerprint(cls, fingerprint: dict[str, Any], **runtime: Any) -> ExtractionConfig:
+        """The config whose :meth:`fingerprint` is ``fingerprint``, with run-time settings added."""
+        known = {"max_size", "scales", "amp", "scale_pool"}
+        unknown = set(fingerprint) - known
+        if unknown:
+            raise ValueError(f"extraction settings {sorted(unknown)} are unknown to this tokenret")
+        given = {k: v for k, v in fingerprint.items() if k in known}
+        if "scales" in given:
+            given["scales"] = tuple(given["scales"])
+        return cls(**given, **runtime)
 
     def resolved_device(self) -> torch.device:
         return resolve_device(self.device)
@@ -121,8 +171,19 @@ class ExtractionConfig:
         return 1 if self.compile else resolve_streams(self.streams, device)
 
     def fingerprint(self) -> dict[str, Any]:
-        """The settings that change descriptors (not batch size, workers, device, shard size)."""
-        return {"max_size": self.max_size, "scales": [round(s, 6) for s in self.scales], "amp": self.amp}
+        """The settings that change descriptors (not batch size, workers, device, shard size).
+
+        ``scale_pool`` appears only when it is not the model's own, so that fingerprints recorded before
+        it existed still match. (The model's convention is part of the model, fingerprinted with it.)
+        """
+        out: dict[str, Any] = {
+            "max_size": self.max_size,
+            "scales": [round(s, 6) for s in self.scales],
+            "amp": self.amp,
+        }
+        if self.scale_pool != "model":
+            out["scale_pool"] = self.scale_pool
+        return out
 
 
 @dataclass
@@ -147,31 +208,6 @@ def model_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def multiscale_descriptor(model: nn.Module, images: torch.Tensor, scales: Sequence[float]) -> torch.Tensor:
-    """(B, 3, H, W) normalised images -> (B, D) L2-normalised mean of per-scale descriptors (float32).
-
-    The mean is plain (Token's release, and every model by default). A model with a ``multiscale_power``
-    attribute p != 1 (cirtorch's GeM networks without a whitening layer) gets cirtorch's generalised mean
-    over more than one scale instead: (mean of d_s^p)^(1/p), then L2-normalised.
-    """
-    msp = float(getattr(model, "multiscale_power", 1.0)) if len(scales) > 1 else 1.0
-    total = None
-    for s in scales:
-        x = (
-            images
-            if s == 1.0
-            else F.interpolate(images, scale_factor=s, mode="bilinear", align_corners=False)
-        )
-        if images.is_contiguous(memory_format=torch.channels_last):
-            x = x.contiguous(memory_format=torch.channels_last)
-        d = F.normalize(model(x).float(), dim=-1)
-        if msp != 1.0:
-            d = d.pow(msp)
-        total = d if total is None else total + d
-    total = total / len(scales)
-    return F.normalize(total.pow(1.0 / msp) if msp != 1.0 else total, dim=-1)
-
-
 def _extract_range(
     model: nn.Module,
     dataset: ImageList,
@@ -180,6 +216,7 @@ def _extract_range(
     device: torch.device,
     dim: int,
     bar: tqdm,
+    convention: InputConvention,
 ) -> tuple[np.ndarray, dict[int, tuple[str, str]]]:
     out = np.full((len(indices), dim), np.nan, dtype=np.float32)
     failures: dict[int, tuple[str, str]] = {}
@@ -204,7 +241,7 @@ def _extract_range(
         else:
             x = batch.to(device, non_blocking=True).contiguous(memory_format=fmt)
             with autocast(device, config.amp):
-                d = multiscale_descriptor(model, x, config.scales)
+                d = multiscale_descriptor(model, x, config.scales, config.scale_pool, convention)
             out[[where[i] for i in idxs]] = d.cpu().numpy()
         bar.update(len(idxs))
 
@@ -271,7 +308,7 @@ def extract_descriptors(
         model: a retrieval model mapping (B, 3, H, W) to L2-normalised (B, D).
         paths: image files.
         boxes: per image None or a query box (x1, y1, x2, y2) to crop before resizing.
-        config: extraction settings (scales, max_size, AMP, ...).
+        config: extraction settings (scales, max_size, AMP, ...); None: ``ExtractionConfig.for_model(model)``.
         out_dir: shard directory; finished shards are reused when the manifest matches.
         on_error: "raise" (after every readable image is done, raise ExtractionError listing the unreadable
             ones) or "record" (return them in ``failures``, their rows NaN).
@@ -280,7 +317,7 @@ def extract_descriptors(
     Returns:
         ExtractionResult with descriptors (n, D) float32 and the failures.
     """
-    config = config or ExtractionConfig()
+    config = config or ExtractionConfig.for_model(model)
     if on_error not in ("raise", "record"):
         raise ValueError("on_error must be 'raise' or 'record'")
     device = config.resolved_device()
@@ -288,11 +325,12 @@ def extract_descriptors(
     # the descriptors are identified by the model as given; the forward passes may use a folded copy
     network = inference_network(model, config)
     dim = int(model.descriptor_dim)
-    dataset = ImageList(paths, boxes, config.max_size)
+    convention = input_convention(model)
+    dataset = ImageList.for_convention(paths, boxes, config.max_size, convention)
     n = len(dataset)
 
     def extract_range(indices: Sequence[int], bar: tqdm):
-        return _extract_range(network, dataset, indices, config, device, dim, bar)
+        return _extract_range(network, dataset, indices, config, device, dim, bar, convention)
 
     if out_dir is None:
         return _finish(ExtractionResult(*extract_unsharded(n, extract_range, progress, desc)), on_error)

@@ -4,8 +4,10 @@ rather than raises, a failure; batching of equal-size images; the fingerprint of
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -36,7 +38,9 @@ class ImageList(Dataset):
     """Loads (and for queries crops) images; a failure is returned, not raised, so the loop can record it.
 
     Each image is a file path or the bytes of an image file (an upload, decoded in memory); ``paths`` holds
-    the names failures are reported under.
+    the names failures are reported under. ``mean`` and ``std`` are in RGB order; with ``bgr`` the
+    normalised tensor's channels are then reversed (OpenCV's order, as CVNet/SuperGlobal read images).
+    With ``truncate_boxes`` a query box's coordinates are cut to integers before cropping.
     """
 
     def __init__(
@@ -46,6 +50,9 @@ class ImageList(Dataset):
         max_size: int | None,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        *,
+        bgr: bool = False,
+        truncate_boxes: bool = False,
     ):
         self.sources = [bytes(p) if isinstance(p, (bytes, bytearray)) else str(p) for p in paths]
         self.paths = [IMAGE_DATA_NAME if isinstance(p, bytes) else p for p in self.sources]
@@ -54,16 +61,53 @@ class ImageList(Dataset):
             raise ValueError(f"{len(self.paths)} paths but {len(self.boxes)} boxes")
         self.max_size = max_size
         self.mean, self.std = tuple(mean), tuple(std)
+        self.bgr, self.truncate_boxes = bgr, truncate_boxes
+
+    @classmethod
+    def for_convention(
+        cls,
+        paths: Sequence[str | Path | bytes],
+        boxes: Sequence[Box | None] | None,
+        max_size: int | None,
+        convention: Any,
+    ) -> ImageList:
+        """Images as a model's :class:`~tokenret.models.convention.InputConvention` wants them."""
+        mean, std = convention.rgb_mean_std
+        return cls(
+            paths,
+            boxes,
+            max_size,
+            mean,
+            std,
+            bgr=convention.channel_order == "BGR",
+            truncate_boxes=convention.box_rounding == "truncate",
+        )
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
+        box = self.boxes[i]
+        if box is not None and self.truncate_boxes:
+            box = _truncated(box)
         try:
-            image = load_image(self.sources[i], self.max_size, self.boxes[i])
-            return i, to_tensor(image, self.mean, self.std), None
+            image = load_image(self.sources[i], self.max_size, box)
+            tensor = to_tensor(image, self.mean, self.std)
+            return i, (tensor.flip(0) if self.bgr else tensor), None
         except ImageLoadError as e:
             return i, None, str(e.reason) if hasattr(e, "reason") else str(e)
+
+
+def _truncated(box: Box) -> Box:
+    """The box with its coordinates cut to integers (one that is not four finite numbers is left for
+    ``load_image`` to refuse with its rule)."""
+    try:
+        values = [float(v) for v in box]
+    except (TypeError, ValueError):
+        return box
+    if len(values) != 4 or not all(math.isfinite(v) for v in values):
+        return box
+    return tuple(float(math.trunc(v)) for v in values)
 
 
 def equal_size_batches(

@@ -2,8 +2,10 @@
 
 Files are always read with ``torch.load(..., weights_only=True)``: a file whose pickle would build
 arbitrary objects (and so could run code) is refused. Released files may be plain state dicts or
-nested under 'state_dict' / 'model', with 'module.' prefixes from DDP; margin-head weights
-(``classifier*``) are ignored.
+nested under 'state_dict' / 'model' / 'model_state' (pycls), with 'module.' prefixes from DDP; margin-head
+weights (``classifier*``) are ignored. CVNet's files hold its whole re-ranking model: the global network
+is taken from under ``encoder_q.`` and the rest (the correlation-verification branch) is left out and
+listed in ``LoadedCheckpoint.dropped``.
 """
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ TOKENRET_FORMAT = "tokenret-checkpoint-v1"
 IGNORED_PREFIXES = ("classifier",)
 #: Wrapper prefixes stripped from keys (DDP, torch.compile).
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+#: Where CVNet's files keep the global network inside the re-ranking model's state dict.
+CVNET_GLOBAL_PREFIX = "encoder_q."
+#: Keys under which released files nest their state dict.
+NESTING_KEYS = ("state_dict", "model", "model_state", "net")
 
 
 class CheckpointError(RuntimeError):
@@ -47,11 +53,16 @@ class WeightsUnavailableError(RuntimeError):
 
 @dataclass
 class LoadedCheckpoint:
+    """A file's model weights. ``dropped``: keys of the file that belong to no global network (CVNet's
+    re-ranking branch); ``layout``: how the weights were found."""
+
     state_dict: dict[str, torch.Tensor]
     source: str
     model_name: str | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    dropped: list[str] = field(default_factory=list)
+    layout: str = "state dict (release format)"
 
 
 def tokenret_home() -> Path:
@@ -91,7 +102,8 @@ def _torch_load(path: Path) -> Any:
         raise CheckpointError(
             f"{path}: refused to load. The file holds Python objects beyond tensors and plain containers, "
             "so unpickling it could run code; tokenret only reads weights (torch.load weights_only=True). "
-            "If you trust the file, re-save just its state dict (torch.save(obj['state_dict'], ...)). "
+            "If you trust the file, re-save just its state dict (torch.save(obj['state_dict'], ...), or "
+            "obj['model_state'] for pycls/CVNet files). "
             f"Detail: {e}"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
@@ -139,24 +151,29 @@ def read_checkpoint(checkpoint: str | Path | Mapping[str, Any]) -> LoadedCheckpo
         meta["extra"] = {
             k: v for k, v in obj.items() if k not in ("model", "format", "model_name", "model_kwargs")
         }
+        meta["layout"] = "tokenret checkpoint"
         obj = obj.get("model")
     else:
-        for _ in range(3):  # released files: plain, or nested under 'state_dict' / 'model'
+        for _ in range(3):  # released files: plain, or nested under 'state_dict' / 'model' / 'model_state'
             if _is_tensor_dict(obj):
                 break
-            inner = next(
-                (obj[k] for k in ("state_dict", "model", "net") if isinstance(obj.get(k), Mapping)), None
-            )
+            inner = next((obj[k] for k in NESTING_KEYS if isinstance(obj.get(k), Mapping)), None)
             if inner is None:
                 break
             obj = inner
     if not _is_tensor_dict(obj):
         keys = list(obj)[:8] if isinstance(obj, Mapping) else []
         raise CheckpointError(
-            f"{source}: no model weights found (expected a dict of tensors, possibly under 'state_dict' or "
-            f"'model'; top-level keys: {keys})"
+            f"{source}: no model weights found (expected a dict of tensors, possibly under "
+            f"{', '.join(repr(k) for k in NESTING_KEYS)}; top-level keys: {keys})"
         )
-    return LoadedCheckpoint(_strip_prefixes(obj), source, **meta)
+    state = _strip_prefixes(obj)
+    if not meta and any(k.startswith(CVNET_GLOBAL_PREFIX) for k in state):
+        n = len(CVNET_GLOBAL_PREFIX)
+        meta["dropped"] = [k for k in state if not k.startswith(CVNET_GLOBAL_PREFIX)]
+        meta["layout"] = "CVNet release (global network under 'encoder_q.')"
+        state = {k[n:]: v for k, v in state.items() if k.startswith(CVNET_GLOBAL_PREFIX)}
+    return LoadedCheckpoint(state, source, **meta)
 
 
 @dataclass
@@ -354,6 +371,13 @@ def fetch_release_weights(cfg: Any, progress: bool = True) -> Path:
         raise ValueError(f"model {cfg.name!r} has no released weights")
     dest = tokenret_home() / "checkpoints" / w.filename
     record = dest.with_name(dest.name + ".sha256")
+    if not dest.exists() and not w.url:
+        manual = getattr(w, "manual", "") or f"Get {w.filename} from the release"
+        raise WeightsUnavailableError(
+            f"{cfg.name}: the released weights cannot be downloaded automatically. "
+            f"{manual}, and save it as {dest} "
+            f"(or pass it as checkpoint= / --checkpoint FILE)"
+        )
     if not dest.exists():
         log.info("downloading %s weights from %s to %s", cfg.name, w.url, dest)
         download_file(w.url, dest, sha256=w.sha256, progress=progress)

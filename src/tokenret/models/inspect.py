@@ -50,6 +50,8 @@ class CheckpointInfo:
     matches: list[ModelMatch] = field(default_factory=list)
     #: Keys of the tensors holding NaN or infinite values (a damaged file, or a diverged training run).
     non_finite: list[str] = field(default_factory=list)
+    #: Keys of the file left out as belonging to no global network (CVNet's re-ranking branch).
+    dropped: list[str] = field(default_factory=list)
 
     @property
     def best(self) -> ModelMatch | None:
@@ -65,6 +67,7 @@ class CheckpointInfo:
             "n_tensors": self.n_tensors,
             "n_parameters": self.n_parameters,
             "ignored_keys": self.ignored,
+            "dropped_keys": self.dropped,
             "non_finite_keys": self.non_finite,
             "matches": best is not None and best.report.ok,
             "model": best.name if best else None,
@@ -81,7 +84,7 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
     path = Path(path)
     loaded = ck.read_checkpoint(path)
     state = loaded.state_dict
-    layout = "tokenret checkpoint" if loaded.model_name else "state dict (release format)"
+    layout = "tokenret checkpoint" if loaded.model_name else loaded.layout
     info = CheckpointInfo(
         path=str(path),
         size_bytes=path.stat().st_size,
@@ -93,6 +96,7 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
         non_finite=[
             k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())
         ],
+        dropped=list(loaded.dropped),
     )
     names = [loaded.model_name] if loaded.model_name in list_models() else list_models()
     backbone = infer_backbone(state)
@@ -102,6 +106,9 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
             kwargs = dict(loaded.model_kwargs)
         else:
             kwargs = cfg.infer_kwargs(state) if cfg.infer_kwargs else {}
+            # each entry is built as itself (superglobal_r50 with depth 50), so the file's depth decides
+            for key in cfg.identity_kwargs:
+                kwargs.pop(key, None)
             if backbone:
                 kwargs["backbone"] = backbone
         try:
@@ -131,14 +138,19 @@ def format_info(info: CheckpointInfo) -> str:
         )
     if info.ignored:
         lines.append(f"ignored:     {ck._listing(info.ignored)} (training-only margin head)")
+    if info.dropped:
+        lines.append(
+            f"left out:    {len(info.dropped)} tensors outside the global network "
+            f"({ck._listing(sorted({k.split('.')[0] for k in info.dropped}))}: CVNet's re-ranking branch)"
+        )
     best = info.best
     if best is None:
         lines.append("model:       no registry model could be built for this file")
     elif best.report.ok:
         extra = {k: v for k, v in best.kwargs.items() if k != "backbone"}
-        lines.append(
-            f"model:       {best.name} (backbone {best.kwargs.get('backbone', '?')}), all weights present"
-        )
+        cfg = get_model_config(best.name)
+        trunk = best.kwargs.get("backbone") or cfg.backbone or cfg.trunk or "?"
+        lines.append(f"model:       {best.name} (backbone {trunk}), all weights present")
         lines.append(f"descriptor:  {best.descriptor_dim}-d")
         if extra:
             lines.append(f"arguments:   {extra}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,8 @@ import torch
 from torch import nn
 
 from tokenret.models.backbone import ResNetTrunk
+from tokenret.models.checkpoints import CheckpointError
+from tokenret.models.convention import CIRTORCH, SUPERGLOBAL, InputConvention
 from tokenret.models.retrieval import (
     DELGModel,
     GeMModel,
@@ -30,7 +33,10 @@ from tokenret.models.retrieval import (
     SOLARModel,
     TokenModel,
 )
+from tokenret.models.superglobal import SuperGlobalModel, infer_superglobal_kwargs
 from tokenret.models.token import SetTokenModel
+
+log = logging.getLogger(__name__)
 
 #: Backbone-level arguments every model accepts as overrides.
 BACKBONE_ARGS = ("backbone", "backbone_weights", "dilation_block5")
@@ -44,6 +50,8 @@ class Weights:
 
     ``paper_map`` holds the mAP the release's README reports for these exact weights:
     (ROxf Medium, ROxf Hard, RPar Medium, RPar Hard), single-query, 3 scales, 1024 px.
+    ``url`` empty: the files cannot be fetched automatically (e.g. a Google Drive folder); ``manual`` says
+    where to get them, and ``pretrained=True`` reads them from ``$TOKENRET_HOME/checkpoints/<filename>``.
     """
 
     url: str
@@ -51,6 +59,7 @@ class Weights:
     sha256: str | None = None
     paper_map: tuple[float, float, float, float] | None = None
     source: str = ""
+    manual: str = ""
 
 
 @dataclass(frozen=True)
@@ -65,11 +74,23 @@ class ModelConfig:
     weights: Weights | None = None
     description: str = ""
     infer_kwargs: Callable[[Mapping[str, torch.Tensor]], dict[str, Any]] | None = None
+    #: The input convention of the family (what ``input_convention(model)`` gives); None: cirtorch's.
+    convention: InputConvention | None = None
+    #: Arguments that tell entries of one family apart (e.g. ``depth``): a checkpoint inferred to have
+    #: another value belongs to another entry, and loading it here is refused with that entry's name.
+    identity_kwargs: tuple[str, ...] = ()
+    #: What the trunk is, for listings, where ``backbone`` is None but the family builds its own.
+    trunk: str = ""
 
     @property
     def descriptor_dim(self) -> int:
         with torch.device("meta"):
             return build_model(self).descriptor_dim
+
+    @property
+    def input_convention(self) -> InputConvention:
+        """The convention of this entry's models with their default arguments."""
+        return self.convention or CIRTORCH
 
 
 def _gdrive(file_id: str, filename: str, paper_map: tuple[float, float, float, float]) -> Weights:
@@ -196,6 +217,37 @@ for _arch in ("r50", "r101"):
         )
     )
 
+# SuperGlobal on CVNet's released global networks (GLDv2-clean). The files sit in a Google Drive folder
+# that cannot be fetched without a browser: pretrained=True reads them from the cache, or says where to get
+# them. The published mAP is not in paper_map: the spec read only the Hard columns second-hand.
+CVNET_README = "https://github.com/sungonce/CVNet"
+for _arch, _depth in (("r50", 50), ("r101", 101)):
+    _file = f"CVPR2022_CVNet_R{_depth}.pyth"
+    register(
+        ModelConfig(
+            f"superglobal_{_arch}",
+            SuperGlobalModel,
+            None,
+            kwargs={"depth": _depth, "antialias": False},  # antialias always recorded in model_kwargs
+            weights=Weights(
+                url="",
+                filename=_file,
+                source="CVNet (CVPR 2022) release, trained on GLDv2-clean; used by SuperGlobal unchanged",
+                manual=(
+                    f"CVNet's weights are in a Google Drive folder linked from the README of {CVNET_README} "
+                    f"(the file {_file}); download it with a browser"
+                ),
+            ),
+            description=f"SuperGlobal (ICCV 2023): CVNet-Global ResNet-{_depth} with ReLU+, rGeM, GeM+ "
+            "(p 4.6) and head.fc, 2048-d; BGR input at the file's resolution, scales 0.7071/1/1.4142, sGeM; "
+            "switches relu_plus/rgem/gem_plus/antialias",
+            infer_kwargs=infer_superglobal_kwargs,
+            convention=SUPERGLOBAL,
+            identity_kwargs=("depth",),
+            trunk=f"resnet{_depth} (pycls)",
+        )
+    )
+
 # Token's aggregator on local descriptors (the Token README's "+Ours" rows over HOW/DELF + ASMK). The paper
 # gives neither the head's sizes nor weights for this experiment: the sizes below are Token's own.
 _SET_TOKEN_NOTE = (
@@ -271,7 +323,8 @@ def _build_trunkless(cfg: ModelConfig, kwargs: dict[str, Any]) -> nn.Module:
     given = {k: v for k, v in trunk_args.items() if v not in (None, False)}
     if given:
         raise TypeError(
-            f"model {cfg.name!r} has no trunk (it takes local descriptors): remove "
+            f"model {cfg.name!r} has no torchvision trunk "
+            f"({cfg.trunk or 'it takes local descriptors'}): remove "
             f"{', '.join(f'{k}={v!r}' for k, v in given.items())}"
         )
     try:
@@ -281,6 +334,25 @@ def _build_trunkless(cfg: ModelConfig, kwargs: dict[str, Any]) -> nn.Module:
     model.model_name = cfg.name
     model.model_kwargs = dict(kwargs)
     return model
+
+
+def _check_identity(
+    cfg: ModelConfig, inferred: Mapping[str, Any], overrides: Mapping[str, Any], source: str
+) -> None:
+    """Refuse a checkpoint of another entry of the same family (e.g. an R101 file for superglobal_r50)."""
+    for key in cfg.identity_kwargs:
+        if key in overrides or key not in inferred or inferred[key] == cfg.kwargs.get(key):
+            continue
+        fits = [
+            c.name
+            for c in _REGISTRY.values()
+            if c.family is cfg.family and c.kwargs.get(key) == inferred[key]
+        ]
+        hint = f"use {fits[0]!r}" if fits else f"pass {key}={inferred[key]!r} to build it anyway"
+        raise CheckpointError(
+            f"{source}: the weights are for {key}={inferred[key]!r}, and {cfg.name!r} is built with "
+            f"{key}={cfg.kwargs.get(key)!r}; {hint}"
+        )
 
 
 def create_model(
@@ -294,11 +366,15 @@ def create_model(
     Args:
         name: a name from :func:`list_models`, e.g. ``"token_r101"``.
         checkpoint: a file path or an already loaded dict: a released file (plain state dict, or nested under
-            'state_dict' / 'model', with or without 'module.' prefixes) or a checkpoint tokenret saved.
+            'state_dict' / 'model' / 'model_state', with or without 'module.' prefixes; CVNet's files: the
+            global network under 'encoder_q.', the re-ranking branch left out with a warning) or a
+            checkpoint tokenret saved.
             Read with ``torch.load(weights_only=True)``. Every weight the descriptor depends on must be there
             with the right shape; margin-head (``classifier*``) weights are ignored.
         pretrained: download the released weights once into ``$TOKENRET_HOME/checkpoints`` (default
             ``~/.cache/tokenret``) and load them. For ``gem_*`` this loads the torchvision ImageNet trunk.
+            For ``superglobal_*`` (CVNet's weights, a Google Drive folder) the file must be put there by
+            hand; the error says where to get it.
         **overrides: architecture arguments, e.g. ``backbone="resnet18"``, ``num_tokens=8``,
             ``backbone_weights="IMAGENET1K_V1"`` (torchvision trunk weights, for training).
 
@@ -335,9 +411,22 @@ def create_model(
         inferred = dict(loaded.model_kwargs) if loaded.model_kwargs else {}
         if not inferred and cfg.infer_kwargs is not None:
             inferred = cfg.infer_kwargs(state)
+        _check_identity(cfg, inferred, overrides, loaded.source)
+        if loaded.dropped:
+            log.warning(
+                "%s: %d tensors not used by %s were left out (%s): %s",
+                loaded.source,
+                len(loaded.dropped),
+                name,
+                loaded.layout,
+                ck._listing(loaded.dropped, 6),
+            )
         overrides = {**inferred, **overrides}
         overrides.pop("backbone_weights", None)  # the checkpoint provides the trunk
     model = build_model(cfg, **overrides)
     if state is not None:
         ck.load_weights(model, state, name=name, source=ck.describe_source(checkpoint))
+        unused = getattr(model, "unused_weights", None)
+        if callable(unused) and unused():
+            log.info("%s: loaded but not used with these arguments: %s", name, unused())
     return model.eval()
