@@ -1,8 +1,8 @@
 """Run a model on Revisited Oxford/Paris (optionally +R1M): extract, rank, score, report.
 
 This is what ``tokenret evaluate`` does. Descriptors are cached per dataset, model weights and extraction
-settings (``$TOKENRET_HOME/descriptors`` by default), so changing only ranking options (QE, DBA) re-ranks
-without re-extracting, and an interrupted extraction resumes.
+settings (``$TOKENRET_HOME/descriptors`` by default), so changing only ranking options (QE, DBA, SuperGlobal
+re-ranking) re-ranks without re-extracting, and an interrupted extraction resumes.
 
 Example:
     >>> model = tokenret.create_model("token_r101", checkpoint="R101-Token.pth")        # doctest: +SKIP
@@ -23,9 +23,16 @@ import numpy as np
 from torch import nn
 
 from tokenret.data.revisited import R1MDistractors, RevisitedDataset
-from tokenret.evaluate import evaluate_descriptors, evaluate_scores, format_results, results_to_json
+from tokenret.evaluate import (
+    RERANK_WITH_QE_DBA,
+    evaluate_descriptors,
+    evaluate_scores,
+    format_results,
+    results_to_json,
+)
 from tokenret.extraction import ExtractionConfig, extract_descriptors, model_fingerprint
 from tokenret.models.checkpoints import tokenret_home
+from tokenret.rerank import SuperGlobalRerank
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +54,16 @@ def run_benchmark(
     cache_root: str | Path | None = None,
     progress: bool = True,
     print_fn=print,
+    rerank: SuperGlobalRerank | None = None,
 ) -> dict[str, Any]:
-    """Evaluate ``model`` on each dataset; prints the release's lines and returns a JSON-ready report."""
-    config = config or ExtractionConfig()
+    """Evaluate ``model`` on each dataset; prints the release's lines and returns a JSON-ready report.
+
+    ``rerank`` re-ranks each query's top ``m`` with SuperGlobal's re-ranking (not with ``qe``/``dba``);
+    the report records it under ``rerank``.
+    """
+    if rerank is not None and (qe or dba):
+        raise ValueError(RERANK_WITH_QE_DBA)
+    config = config or ExtractionConfig.for_model(model)
     cache_root = Path(cache_root) if cache_root else tokenret_home() / "descriptors"
     model_fp = model_fingerprint(model)
     distractors = None
@@ -60,7 +74,7 @@ def run_benchmark(
         distractors = extract_descriptors(
             model, paths, None, config, out, progress=progress, desc="R1M"
         ).descriptors
-    report = _new_report(model, model_fp, config.fingerprint(), qe, dba, distractors)
+    report = _new_report(model, model_fp, config.fingerprint(), qe, dba, distractors, rerank)
     for name in datasets:
         ds = RevisitedDataset.from_root(data_root, name)
         ds.check_images()
@@ -78,12 +92,12 @@ def run_benchmark(
         q = describe(q_paths, boxes, f"{name}/queries", f"{name} queries")
         if distractors is not None:
             db = np.concatenate([db, distractors])
-        results, top = evaluate_descriptors(db, q, ds.gnd, ks, qe=qe, dba=dba)
+        results, top = evaluate_descriptors(db, q, ds.gnd, ks, qe=qe, dba=dba, rerank=rerank)
         _report_dataset(report, name, ds, distractors is not None, results, top, print_fn)
     return report
 
 
-def _new_report(model, model_fp: str, extraction: dict, qe, dba, distractors) -> dict[str, Any]:
+def _new_report(model, model_fp: str, extraction: dict, qe, dba, distractors, rerank=None) -> dict[str, Any]:
     return {
         "model": getattr(model, "model_name", type(model).__name__),
         "model_kwargs": getattr(model, "model_kwargs", {}),
@@ -91,6 +105,7 @@ def _new_report(model, model_fp: str, extraction: dict, qe, dba, distractors) ->
         "extraction": extraction,
         "qe": list(qe) if qe else None,
         "dba": list(dba) if dba else None,
+        "rerank": rerank.settings() if rerank is not None else None,
         "r1m": len(distractors) if distractors is not None else 0,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "datasets": {},
@@ -122,20 +137,23 @@ def run_local_benchmark(
     cache_root: str | Path | None = None,
     progress: bool = True,
     print_fn=print,
+    rerank: SuperGlobalRerank | None = None,
 ) -> dict[str, Any]:
     """Evaluate local features + an aggregator (ASMK, VLAD, Token) the way :func:`run_benchmark` evaluates
     a global model: the same datasets, query crops, metrics, printed lines and report.
 
     Descriptor sets are cached per dataset, local model and extraction settings, so trying another
-    aggregator re-uses them. QE/DBA need global vectors (VLAD, Token), not ASMK.
+    aggregator re-uses them. QE/DBA and ``rerank`` need global vectors (VLAD, Token), not ASMK.
     """
     from tokenret.extraction.local_sets import LocalExtractionConfig, extract_local_sets
 
     config = config or LocalExtractionConfig()
-    if not aggregator.global_vectors and (qe or dba):
+    if not aggregator.global_vectors and (qe or dba or rerank):
         raise ValueError(
-            f"--qe/--dba need global vectors; the {aggregator.name} aggregator ranks by its kernel"
+            f"--qe/--dba/--rerank need global vectors; the {aggregator.name} aggregator ranks by its kernel"
         )
+    if rerank is not None and (qe or dba):
+        raise ValueError(RERANK_WITH_QE_DBA)
     cache_root = Path(cache_root) if cache_root else tokenret_home() / "descriptors"
     model_fp = model_fingerprint(local_model)
     settings = hashlib.sha256(
@@ -151,7 +169,7 @@ def run_local_benchmark(
     distractors = None
     if r1m_root is not None:
         distractors = sets_of(R1MDistractors.from_root(r1m_root).image_paths(), None, "revisitop1m", "R1M")
-    report = _new_report(local_model, model_fp, config.fingerprint(local_model), qe, dba, distractors)
+    report = _new_report(local_model, model_fp, config.fingerprint(local_model), qe, dba, distractors, rerank)
     for name in datasets:
         ds = RevisitedDataset.from_root(data_root, name)
         ds.check_images()
@@ -171,7 +189,13 @@ def run_local_benchmark(
         aggregator.prepare(db_sets)
         if aggregator.global_vectors:
             results, top = evaluate_descriptors(
-                aggregator.encode(db_sets), aggregator.encode(q_sets), ds.gnd, ks, qe=qe, dba=dba
+                aggregator.encode(db_sets),
+                aggregator.encode(q_sets),
+                ds.gnd,
+                ks,
+                qe=qe,
+                dba=dba,
+                rerank=rerank,
             )
         else:
             results, top = evaluate_scores(aggregator.scores(db_sets, q_sets), ds.gnd, ks)

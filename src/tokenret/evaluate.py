@@ -29,7 +29,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -46,6 +46,12 @@ __all__ = [
     "ranks_from_scores",
     "ranks_topk",
 ]
+
+#: Why SuperGlobal's re-ranking is not mixed with alpha-QE or DBA.
+RERANK_WITH_QE_DBA = (
+    "SuperGlobal re-ranking (--rerank superglobal) does not combine with alpha-QE or DBA (--qe/--dba): it "
+    "does its own database-side augmentation and query expansion (MDescAug, RerankwMDA); use one or the other"
+)
 
 #: protocol name -> (gnd keys that are positives, gnd keys that are ignored).
 PROTOCOLS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -315,6 +321,7 @@ def evaluate_descriptors(
     dba: tuple[int, float] | None = None,
     keep_top: int = 100,
     query_chunk: int | None = None,
+    rerank: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray] | None = None,
 ) -> tuple[dict[str, dict[str, Any]], np.ndarray]:
     """Rank the database for each query by dot product and score the ranking.
 
@@ -327,12 +334,17 @@ def evaluate_descriptors(
         keep_top: rows of the ranking returned (for reports and pictures).
         query_chunk: queries ranked at a time; bounds memory at n_db x chunk (default: all when the
             database is small, else chunks of 8, about 64 MB per million database images).
+        rerank: a :class:`tokenret.rerank.SuperGlobalRerank` (any ``(queries, database, ranks) -> ranks``):
+            re-rank each query's top ``m`` with SuperGlobal's MDescAug + RerankwMDA, or None. It does its own
+            query expansion and database-side augmentation, so it is refused together with ``qe`` or ``dba``.
 
     Returns:
         (results per protocol as from :func:`compute_revisited_map`, top ``keep_top`` ranks (keep, n_q)).
     """
     from tokenret.rerank import alpha_query_expansion, database_side_augmentation
 
+    if rerank is not None and (qe is not None or dba is not None):
+        raise ValueError(RERANK_WITH_QE_DBA)
     database = np.asarray(database, dtype=np.float32)
     queries = np.asarray(queries, dtype=np.float32)
     if np.isnan(database).any() or np.isnan(queries).any():
@@ -347,6 +359,8 @@ def evaluate_descriptors(
     for start in range(0, nq, chunk):
         stop = min(nq, start + chunk)
         ranks = ranks_from_scores(database @ queries[start:stop].T)
+        if rerank is not None:
+            ranks = rerank(queries[start:stop], database, ranks)
         parts.append(compute_revisited_map(ranks, gnd[start:stop], ks))
         tops.append(ranks[:keep_top])
     return _merge_chunks(parts, _check_ks(ks)), np.concatenate(tops, axis=1)

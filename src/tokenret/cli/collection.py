@@ -25,6 +25,7 @@ from tokenret.cli.common import (
     runtime_from_args,
     set_model_from_args,
 )
+from tokenret.cli.evaluate import add_rerank_arguments, rerank_from_args
 
 __all__ = ["add_parser", "local_pipeline_from_args"]
 
@@ -74,6 +75,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--box", help="x0,y0,x1,y1: search with this region of the query")
     p.add_argument("-k", "--k", type=int, default=20)
     p.add_argument("--qe", type=int, nargs="?", const=5, default=0, help="alpha query expansion over N hits")
+    add_rerank_arguments(p, "the search's results (from whatever backend the index uses)", "--qe")
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true")
     fmt.add_argument("--csv", action="store_true")
@@ -313,6 +315,16 @@ def _cmd_search(args: argparse.Namespace) -> int:
         queries.extend(find_images(q))
     if not queries:
         raise FileNotFoundError(f"no query images in {args.queries}")
+    rerank = rerank_from_args(args)
+    if rerank is not None and args.qe:
+        raise ValueError(
+            "--rerank superglobal does not combine with --qe: SuperGlobal's re-ranking does its own query "
+            "expansion; use one or the other"
+        )
+    rerank_options = {}
+    if rerank is not None:
+        rerank_options = {"rerank": "superglobal", "rerank_m": rerank.m, "rerank_k": rerank.k}
+        rerank_options["rerank_beta"] = rerank.beta
     with ImageIndex(args.index) as index:
         if args.checkpoint or args.pretrained:
             args.model = args.model or index.settings["model"]
@@ -326,6 +338,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
             k=args.k,
             boxes=[box] * len(queries) if box else None,
             qe=args.qe,
+            **rerank_options,
             **runtime_from_args(args),
         )
     rows = [

@@ -19,7 +19,48 @@ from tokenret.cli.common import (
     set_model_from_args,
 )
 
-__all__ = ["add_parser", "aggregator_from_args"]
+__all__ = ["add_parser", "add_rerank_arguments", "aggregator_from_args", "rerank_from_args"]
+
+
+def add_rerank_arguments(p: argparse.ArgumentParser, what: str, excludes: str) -> None:
+    """``--rerank superglobal`` and its ``--rerank-m/-k/-beta``.
+
+    ``what`` names the ranking re-ranked and ``excludes`` the options it refuses, for the help.
+    """
+    g = p.add_argument_group("re-ranking")
+    g.add_argument(
+        "--rerank",
+        choices=["superglobal"],
+        default=None,
+        help=f"re-rank the top M of {what} with SuperGlobal's re-ranking (MDescAug + RerankwMDA, ICCV 2023), "
+        f"from the global vectors alone; it does its own query expansion, so it refuses {excludes}",
+    )
+    g.add_argument(
+        "--rerank-m", type=int, default=None, metavar="M", help="candidates re-ranked (default 400)"
+    )
+    g.add_argument(
+        "--rerank-k", type=int, default=None, metavar="K", help="neighbours per candidate (default 9)"
+    )
+    g.add_argument(
+        "--rerank-beta", type=float, default=None, metavar="BETA", help="neighbour weight (default 0.15)"
+    )
+
+
+def rerank_from_args(args: argparse.Namespace) -> Any:
+    """The :class:`~tokenret.rerank.SuperGlobalRerank` of ``--rerank superglobal``, or None."""
+    from tokenret.rerank import SuperGlobalRerank
+
+    given = {
+        key: value
+        for key, value in (("m", args.rerank_m), ("k", args.rerank_k), ("beta", args.rerank_beta))
+        if value is not None
+    }
+    if args.rerank is None:
+        if given:
+            flags = ", ".join(f"--rerank-{key}" for key in given)
+            raise ValueError(f"{flags} set without --rerank superglobal")
+        return None
+    return SuperGlobalRerank(**given)
 
 
 def add_parser(subparsers: Any) -> None:
@@ -33,6 +74,7 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument("--qe", nargs=2, type=float, metavar=("K", "ALPHA"), help="alpha query expansion")
     p.add_argument("--dba", nargs=2, type=float, metavar=("K", "ALPHA"), help="database-side augmentation")
+    add_rerank_arguments(p, "each query's ranking (R1M distractors included with --r1m)", "--qe/--dba")
     p.add_argument("--cache-dir", default=None, help="descriptor cache (default $TOKENRET_HOME/descriptors)")
     p.add_argument("--output", default="tokenret-evaluate.json", help="JSON report path")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -81,9 +123,13 @@ def aggregator_from_args(args: argparse.Namespace) -> Any:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from tokenret.benchmark import run_benchmark, run_local_benchmark
+    from tokenret.evaluate import RERANK_WITH_QE_DBA
 
     qe = tuple(args.qe) if args.qe else None
     dba = tuple(args.dba) if args.dba else None
+    rerank = rerank_from_args(args)
+    if rerank is not None and (qe or dba):
+        raise ValueError(RERANK_WITH_QE_DBA)
     if args.local:
         aggregator = aggregator_from_args(args)
         report = run_local_benchmark(
@@ -97,6 +143,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             dba=dba,
             cache_root=args.cache_dir,
             progress=not args.quiet,
+            rerank=rerank,
         )
         report["local_checkpoint"] = args.local_checkpoint
     else:
@@ -112,6 +159,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             dba=dba,
             cache_root=args.cache_dir,
             progress=not args.quiet,
+            rerank=rerank,
         )
     report["checkpoint"] = args.checkpoint
     out = Path(args.output)

@@ -19,7 +19,7 @@ from tokenret.extraction import ExtractionConfig, extract_descriptors, model_fin
 from tokenret.extraction.network import weights_state
 from tokenret.models.checkpoints import sha256sum
 from tokenret.models.registry import create_model
-from tokenret.rerank import alpha_query_expansion
+from tokenret.rerank import alpha_query_expansion, superglobal_option
 
 #: alpha of the alpha-QE that ``qe`` applies.
 QE_ALPHA = 3.0
@@ -27,8 +27,7 @@ QE_ALPHA = 3.0
 
 def extraction_config(settings: dict[str, Any], **runtime: Any) -> ExtractionConfig:
     """An index's extraction settings, with run-time options (device, batch size, workers) added."""
-    e = settings["extraction"]
-    return ExtractionConfig(max_size=e["max_size"], scales=tuple(e["scales"]), amp=e["amp"], **runtime)
+    return ExtractionConfig.from_fingerprint(settings["extraction"], **runtime)
 
 
 def check_model(path: Path, settings: dict[str, Any], model: Any, config: Any = None) -> None:
@@ -68,6 +67,16 @@ def load_index_model(settings: dict[str, Any], checkpoint: str | Path | None = N
     if settings["model"].startswith("local:"):  # local features + aggregator, one file
         return LocalAggregateModel.load(ckpt)
     return create_model(settings["model"], checkpoint=ckpt, **settings["model_kwargs"])
+
+
+def check_search_options(qe: int, rerank: str | None, m: int, k: int, beta: float) -> None:
+    """Refuse a re-ranking that does not exist or is out of range, and alpha-QE mixed with SuperGlobal's
+    re-ranking (which expands the query its own way)."""
+    if superglobal_option(rerank, m, k, beta) is not None and qe > 0:
+        raise ValueError(
+            "qe and rerank='superglobal' do not combine: SuperGlobal's re-ranking does its own query "
+            "expansion (and database-side augmentation); use one of them"
+        )
 
 
 class ModelBinding:
@@ -113,9 +122,21 @@ class ModelBinding:
         k: int = 20,
         boxes: Sequence[Any] | None = None,
         qe: int = 0,
+        rerank: str | None = None,
+        rerank_m: int = 400,
+        rerank_k: int = 9,
+        rerank_beta: float = 0.15,
         **runtime: Any,
     ) -> list[list[Any]]:
-        """Search with query images (optionally a box each); ``qe`` > 0 adds alpha-QE over that many hits."""
+        """Search with query images (optionally a box each).
+
+        Args:
+            qe: > 0 adds alpha-QE over that many hits.
+            rerank: ``"superglobal"`` re-ranks the best ``rerank_m`` hits by SuperGlobal's re-ranking
+                (``rerank_k``, ``rerank_beta``; see :meth:`ImageIndex.search`). It does its own query
+                expansion, so it is refused together with ``qe``.
+        """
+        check_search_options(qe, rerank, rerank_m, rerank_k, rerank_beta)  # before describing the queries
         q = self.describe(sources, boxes, **runtime)
         if qe > 0:
             _, ids = self.index.knn(q, qe)
@@ -125,4 +146,6 @@ class ModelBinding:
                 nb = stored.reconstruct(row[row >= 0]).astype(np.float32)
                 expanded.append(alpha_query_expansion(qi[None], nb, len(nb), QE_ALPHA)[0])
             q = np.stack(expanded).astype(np.float32)
-        return self.index.search(q, k)
+        return self.index.search(
+            q, k, rerank=rerank, rerank_m=rerank_m, rerank_k=rerank_k, rerank_beta=rerank_beta
+        )

@@ -51,6 +51,7 @@ from tokenret.data.files import display_path, entry_path, scan_images, unreadabl
 from tokenret.extraction import ExtractionConfig, extract_descriptors, model_fingerprint
 from tokenret.index.base import check_k, sort_results
 from tokenret.models.checkpoints import save_checkpoint, sha256sum
+from tokenret.rerank import SuperGlobalRerank, superglobal_option, superglobal_rerank_candidates
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +137,7 @@ class ImageIndex:
         index already at ``path`` (made by another process meanwhile, say) is opened instead, and ``model``
         and ``config`` must be its own.
         """
-        config = config or ExtractionConfig()
+        config = config or ExtractionConfig.for_model(model)
         backend, refine = check_backend(backend, refine, int(model.descriptor_dim))
         path = Path(path)
         if (path / SETTINGS_FILE).exists() and not exist_ok:
@@ -482,13 +483,57 @@ class ImageIndex:
         _, ids = ann.search(q, min(ann.ntotal, max(k, self.refine)))
         return sort_results(self.vector_index().rescore(q, ids), ids, k)
 
-    def search(self, queries: np.ndarray, k: int = 20, exact: bool = False) -> list[list[SearchHit]]:
+    def knn_reranked(
+        self, queries: np.ndarray, k: int, rerank: SuperGlobalRerank, exact: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`knn` for ``max(k, rerank.m)`` candidates, the best ``rerank.m`` re-ordered by SuperGlobal's
+        re-ranking from the stored vectors; (scores, ids) of the first ``k``, padded like :meth:`knn`."""
+        q = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+        scores, ids = self.knn(q, max(check_k(k), rerank.m), exact=exact)
+        scores, ids = np.array(scores, dtype=np.float32), np.array(ids, dtype=np.int64)  # written below
+        head = min(rerank.m, ids.shape[1])
+        # a backend that found fewer pads with -1: move the padding behind the real candidates (order kept),
+        # then re-rank the queries with the same number of candidates together
+        keep = np.argsort(ids[:, :head] < 0, axis=1, kind="stable")
+        cand = np.take_along_axis(ids[:, :head], keep, axis=1)
+        scores[:, :head] = np.take_along_axis(scores[:, :head], keep, axis=1)
+        counts = (cand >= 0).sum(axis=1)
+        reconstruct = self.vector_index().reconstruct
+        for n in np.unique(counts[counts > 0]):  # one value unless a backend came up short
+            rows = np.flatnonzero(counts == n)
+            new_ids, new_scores = superglobal_rerank_candidates(
+                q[rows], cand[rows, :n], reconstruct, k=rerank.k, beta=rerank.beta
+            )
+            cand[rows, :n], scores[rows, :n] = new_ids, new_scores
+        ids[:, :head] = cand
+        return scores[:, :k], ids[:, :k]
+
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int = 20,
+        exact: bool = False,
+        rerank: str | None = None,
+        rerank_m: int = 400,
+        rerank_k: int = 9,
+        rerank_beta: float = 0.15,
+    ) -> list[list[SearchHit]]:
         """Nearest stored images of each query descriptor (rows of ``queries``), best first.
 
         Uses the configured backend (see :meth:`set_backend`) unless ``exact``; only images in the index now
         are returned.
+
+        Args:
+            rerank: ``"superglobal"``: the best ``rerank_m`` of the search are re-ordered by SuperGlobal's
+                re-ranking (:func:`tokenret.rerank.superglobal_rerank`, with ``rerank_k`` and
+                ``rerank_beta``), reading their vectors from the float16 store; their scores are then the
+                re-ranking's, (s1 + s2) / 2, and hits past ``rerank_m`` keep the search's order and scores.
         """
-        scores, ids = self.knn(queries, k, exact=exact)
+        rerank_with = superglobal_option(rerank, rerank_m, rerank_k, rerank_beta)
+        if rerank_with is None:
+            scores, ids = self.knn(queries, k, exact=exact)
+        else:
+            scores, ids = self.knn_reranked(queries, k, rerank_with, exact=exact)
         path_of = self.catalogue.paths_of(np.unique(ids[ids >= 0]).tolist())
         return [
             [
@@ -516,10 +561,25 @@ class ImageIndex:
         k: int = 20,
         boxes: Sequence[Any] | None = None,
         qe: int = 0,
+        rerank: str | None = None,
+        rerank_m: int = 400,
+        rerank_k: int = 9,
+        rerank_beta: float = 0.15,
         **runtime: Any,
     ) -> list[list[SearchHit]]:
-        """Search with query images (optionally a box each); ``qe`` > 0 adds alpha-QE over that many hits."""
-        return self.bind(model).search_images(paths, k, boxes, qe, **runtime)
+        """Search with query images (optionally a box each); ``qe`` > 0 adds alpha-QE over that many hits;
+        ``rerank="superglobal"`` re-ranks the best ``rerank_m`` (see :meth:`search`; not with ``qe``)."""
+        return self.bind(model).search_images(
+            paths,
+            k,
+            boxes,
+            qe,
+            rerank=rerank,
+            rerank_m=rerank_m,
+            rerank_k=rerank_k,
+            rerank_beta=rerank_beta,
+            **runtime,
+        )
 
 
 def file_stat(p: Path) -> tuple[int, int]:
