@@ -550,3 +550,33 @@ def test_an_upload_with_exif_rotation_takes_the_box_as_shown(server):
     )
     status, b, _ = call(server, "/search", body, ctype)
     assert status == 200 and a["results"] == b["results"]
+
+
+def test_rerank_superglobal_as_the_python_search(server):
+    """rerank=superglobal re-orders the best m exactly as ImageIndex.search(rerank=...) does, with the
+    same scores; a bad setting is a 400."""
+    query = photo(server, 3)
+    body, ctype = multipart({"image": query.read_bytes(), "k": "5", "rerank": "superglobal", "rerank_m": "4",
+                             "rerank_k": "2", "rerank_beta": "0.3"})  # fmt: skip
+    status, answer, _ = call(server, "/search", body, ctype)
+    assert status == 200 and answer["rerank"] == {"m": 4, "k": 2, "beta": 0.3}
+    with ImageIndex(server.service.index.path) as index:
+        q = index.describe_queries([query], server.service.model, num_workers=0, device="cpu")
+        want = index.search(q, 5, rerank="superglobal", rerank_m=4, rerank_k=2, rerank_beta=0.3)[0]
+        plain = index.search(q, 5)[0]
+    assert [r["id"] for r in answer["results"]] == [h.id for h in want]
+    np.testing.assert_allclose([r["score"] for r in answer["results"]], [h.score for h in want], atol=1e-5)
+    assert [h.id for h in want[4:]] == [h.id for h in plain[4:]]  # beyond m: the search's own order
+    ids = ids_by_name(server)
+    settings = "k=5&rerank=superglobal&rerank_m=4&rerank_k=2&rerank_beta=0.3"
+    status, by_id, _ = call(server, f"/search?id={ids['img3.png']}&{settings}", b"", None, method="POST")
+    assert status == 200 and [r["id"] for r in by_id["results"]] == [h.id for h in want]
+    bad = [
+        ("rerank=magic", "unknown re-ranking"),
+        ("rerank=superglobal&rerank_m=0", "m"),
+        ("rerank_m=5", "need rerank=superglobal"),
+        ("rerank=superglobal&rerank_beta=-1", "beta"),
+    ]
+    for query_string, words in bad:
+        status, answer, _ = call(server, "/search?" + query_string, query.read_bytes(), "image/png")
+        assert status == 400 and words in answer["error"], query_string

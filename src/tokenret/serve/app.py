@@ -53,7 +53,7 @@ from tokenret.serve.service import RequestError, SearchService
 log = logging.getLogger(__name__)
 
 #: Fields of a search form (one of them the file).
-FORM_FIELDS = ("image", "id", "k", "box", "box_frame")
+FORM_FIELDS = ("image", "id", "k", "box", "box_frame", "rerank", "rerank_m", "rerank_k", "rerank_beta")
 
 
 @dataclass(frozen=True)
@@ -97,6 +97,14 @@ _FORM_BODY = {
                         "k": {"type": "integer", "minimum": 1, "default": 20},
                         "box": {"type": "string", "description": "x0,y0,x1,y1 in the query's pixels"},
                         "box_frame": {"type": "string", "enum": ["upright", "stored"], "default": "upright"},
+                        "rerank": {
+                            "type": "string",
+                            "enum": ["superglobal"],
+                            "description": "re-rank the best m",
+                        },
+                        "rerank_m": {"type": "integer", "minimum": 1, "default": 400},
+                        "rerank_k": {"type": "integer", "minimum": 0, "default": 9},
+                        "rerank_beta": {"type": "number", "minimum": 0, "default": 0.15},
                     },
                 }
             },
@@ -227,7 +235,7 @@ async def read_query(request: Request, service: SearchService, limits: Limits) -
             f"unsupported Content-Type {media or '(none)'}: send multipart/form-data with an 'image' field, "
             "or the image itself as the body (Content-Type image/... or application/octet-stream)",
         )
-    for name in ("id", "k", "box", "box_frame"):
+    for name in FORM_FIELDS[1:]:
         if name in request.query_params:
             fields[name] = request.query_params[name]
     return fields
@@ -294,8 +302,9 @@ def create_app(service: SearchService, api_key: str | None = None, limits: Limit
     )
     async def search(request: Request) -> dict[str, Any]:
         q = await read_query(request, service, limits)
+        rerank = {name: q[name] for name in FORM_FIELDS[5:] if name in q}
         future = await run_in_threadpool(
-            service.submit, q.get("image"), q.get("k"), q.get("box"), q.get("id"), q.get("box_frame")
+            service.submit, q.get("image"), q.get("k"), q.get("box"), q.get("id"), q.get("box_frame"), rerank
         )
         return await asyncio.wrap_future(future)
 

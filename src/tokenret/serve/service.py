@@ -41,6 +41,7 @@ from tokenret.data.images import (
     upright_size,
 )
 from tokenret.extraction import extract_descriptors
+from tokenret.rerank import superglobal_option
 from tokenret.serve.batching import MicroBatcher, Overloaded
 
 #: Largest accepted upload (bytes); larger ones are answered 413.
@@ -49,6 +50,8 @@ MAX_UPLOAD_BYTES = 32 * 1024 * 1024
 MAX_PIXELS = 40_000_000
 #: Most results one search returns.
 MAX_K = 1000
+#: Most candidates one search may re-rank (the work grows with its square).
+MAX_RERANK_M = 2000
 #: Results of a search that names no ``k``.
 DEFAULT_K = 20
 #: Allowed ``size`` of ``GET /image`` thumbnails (pixels, longest side).
@@ -77,6 +80,7 @@ class Query:
     image: bytes | None = None
     box: tuple[float, float, float, float] | None = None
     vector: np.ndarray | None = None
+    rerank: tuple[int, int, float] | None = None  # SuperGlobal's (m, k, beta)
 
 
 class SearchService:
@@ -198,6 +202,7 @@ class SearchService:
         box: Any = None,
         image_id: Any = None,
         box_frame: str | None = None,
+        rerank: Any = None,
     ) -> Future:
         """Check a search request and queue it; the future's result is the answer of :meth:`search`.
 
@@ -206,20 +211,21 @@ class SearchService:
         """
         k = parse_k(k)
         frame = parse_frame(box_frame)
+        rerank = parse_rerank(rerank)
         start = time.perf_counter()
         if image_id is not None and image_id != "":
             if image is not None:
                 raise RequestError(400, "send either an image or the id of an indexed image, not both")
             image_id = parse_id(image_id)
             if box is None or box == "":  # the stored vector: no forward pass
-                query = Query(k, vector=self.stored_vector(image_id))
+                query = Query(k, vector=self.stored_vector(image_id), rerank=rerank)
                 size = None
             else:
                 image = self.indexed_bytes(image_id)
         if image is not None:
             (size, orientation) = self.check_upload(image)
             stored = parse_box(box, size, orientation, frame)
-            query = Query(k, image=image, box=stored)
+            query = Query(k, image=image, box=stored, rerank=rerank)
             size = upright_size(size, orientation)
         elif image_id is None or image_id == "":
             raise RequestError(400, "no query: send an image (form field 'image' or the body) or an id")
@@ -241,6 +247,7 @@ class SearchService:
                     "box": _box_out(box),
                     "query_id": image_id if image_id not in (None, "") else None,
                     "query_size": list(size) if size else None,
+                    "rerank": None if rerank is None else dict(zip(("m", "k", "beta"), rerank, strict=True)),
                     "seconds": round(time.perf_counter() - start, 4),
                 }
             )
@@ -255,6 +262,7 @@ class SearchService:
         box: Any = None,
         image_id: Any = None,
         box_frame: str | None = None,
+        rerank: Any = None,
     ) -> dict[str, Any]:
         """Search with an uploaded image (bytes of any format Pillow reads), optionally a box of it, or
         with an indexed image by id.
@@ -270,16 +278,19 @@ class SearchService:
             image_id: search with this indexed image instead of an upload.
             box_frame: ``"upright"`` (default: the image as viewers show it, EXIF orientation applied) or
                 ``"stored"`` (the file's pixel grid, as ``tokenret search --box`` and revisitop use).
+            rerank: None, or ``{"rerank": "superglobal", "rerank_m": 400, "rerank_k": 9, "rerank_beta":
+                0.15}`` (missing settings take these defaults): SuperGlobal's re-ranking of the best m, as
+                ``tokenret search --rerank superglobal``.
 
         Returns:
-            ``{"results": [{"id", "name", "score"}, ...], "k", "box", "query_id", "query_size",
+            ``{"results": [{"id", "name", "score"}, ...], "k", "box", "query_id", "query_size", "rerank",
             "seconds"}``.
 
         Raises:
             RequestError: 400 for a bad ``k``, box or id, or bytes that are not a readable image; 404 for an
                 id not in the index; 413 for too many pixels; 503 when too many searches wait.
         """
-        return self.submit(image, k, box, image_id, box_frame).result()
+        return self.submit(image, k, box, image_id, box_frame, rerank).result()
 
     def _run_batch(self, queries: list[Query]) -> list[Any]:
         """Describe the uploaded queries together, search all of them, one result list (or error) each."""
@@ -307,11 +318,18 @@ class SearchService:
                 vectors[i] = q.vector
         ok = [i for i in range(len(queries)) if i not in errors]
         answers: list[Any] = [errors.get(i) for i in range(len(queries))]
-        if ok:
-            k = max(queries[i].k for i in ok)
+        groups: dict[Any, list[int]] = {}
+        for i in ok:  # one search per re-ranking setting (a smaller k is a prefix of a larger one's)
+            groups.setdefault(queries[i].rerank, []).append(i)
+        for rerank, members in groups.items():
+            k = max(queries[i].k for i in members)
+            options = {}
+            if rerank is not None:
+                options = {"rerank": "superglobal", "rerank_m": rerank[0], "rerank_k": rerank[1]}
+                options["rerank_beta"] = rerank[2]
             with self.db_lock:
-                hits = self.index.search(vectors[ok], k)
-            for i, row in zip(ok, hits, strict=True):
+                hits = self.index.search(vectors[members], k, **options)
+            for i, row in zip(members, hits, strict=True):
                 answers[i] = [
                     {"id": h.id, "name": self.name_of(h.path), "score": h.score} for h in row[: queries[i].k]
                 ]
@@ -481,6 +499,33 @@ def parse_id(value: Any) -> int:
     if image_id is None or not 0 <= image_id < 2**63:
         raise RequestError(400, f"id must be an integer image id, got {_short(value)}")
     return image_id
+
+
+def parse_rerank(value: Any) -> tuple[int, int, float] | None:
+    """SuperGlobal's re-ranking settings (m, k, beta) from a request's ``rerank``, ``rerank_m``,
+    ``rerank_k`` and ``rerank_beta`` (a dict of them, or a string: the method alone), or None.
+
+    Raises:
+        RequestError: 400 for another method or settings out of range.
+    """
+    if value is None or value == "":
+        return None
+    fields = value if isinstance(value, dict) else {"rerank": value}
+    method = fields.get("rerank")
+    if method in (None, "", "none"):
+        if any(fields.get(f"rerank_{n}") not in (None, "") for n in ("m", "k", "beta")):
+            raise RequestError(400, "rerank_m, rerank_k and rerank_beta need rerank=superglobal")
+        return None
+    try:
+        m = int(fields.get("rerank_m") or 400)
+        k = int(fields.get("rerank_k") if fields.get("rerank_k") not in (None, "") else 9)
+        beta = float(fields.get("rerank_beta") if fields.get("rerank_beta") not in (None, "") else 0.15)
+        settings = superglobal_option(str(method), m, k, beta)
+    except (TypeError, ValueError) as err:
+        raise RequestError(400, f"bad re-ranking: {err}") from None
+    if settings.m > MAX_RERANK_M:
+        raise RequestError(400, f"rerank_m must be at most {MAX_RERANK_M}, got {settings.m}")
+    return settings.m, settings.k, settings.beta
 
 
 def parse_frame(value: Any) -> str:
