@@ -21,42 +21,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import tokenret
+from served_index import TINY, generated_image, make_index
 from tokenret.collection import ImageIndex
-from tokenret.extraction import ExtractionConfig
 from tokenret.serve import Limits, SearchServer, SearchService
 
-TINY = {"backbone": "resnet18", "dim": 32, "num_heads": 4, "out_dim": 16}
 LIMITS = Limits(idle_timeout=1.0, body_timeout=4.0)
 # no proxy, whatever the environment says: the server is on this machine
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def generated_image(seed: int) -> Image.Image:
-    """A 96x64 picture: a coloured gradient with a few rectangles, different for each seed."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:64, 0:96]
-    base = rng.uniform(0, 255, 3)[None, None] * (x[..., None] / 96) + rng.uniform(0, 80, 3)
-    for _ in range(3):
-        x0, y0 = rng.integers(0, 70), rng.integers(0, 40)
-        base[y0 : y0 + 20, x0 : x0 + 25] = rng.uniform(0, 255, 3)
-    return Image.fromarray(base.clip(0, 255).astype(np.uint8))
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """A server on a free port over an index of 6 generated images (tiny random model)."""
-    import torch
-
     root = tmp_path_factory.mktemp("serve")
-    photos = root / "photos"
-    photos.mkdir()
-    for i in range(6):
-        generated_image(i).save(photos / f"img{i}.png")
-    torch.manual_seed(0)
-    model = tokenret.create_model("token_r50", **TINY)
-    with ImageIndex.create(root / "idx", model, ExtractionConfig(max_size=64, scales=(1.0,))) as index:
-        index.sync(photos, model, progress=False, num_workers=0)
+    make_index(root)
     service = SearchService.open(root / "idx", device="cpu")  # the index's own model, loaded once
     with SearchServer(service, "127.0.0.1", 0, limits=LIMITS) as srv:
         yield srv

@@ -18,13 +18,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
-import tokenret
-from tokenret.collection import ImageIndex
-from tokenret.extraction import ExtractionConfig
+from served_index import make_index
 from tokenret.serve import Overloaded, SearchServer, SearchService
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
@@ -40,34 +36,13 @@ pytestmark = pytest.mark.slow  # a model, an index and a browser: ~15 s on 2 cor
 
 WAIT_S = 60  # a search on a busy 2-core machine; the wait ends as soon as the page is ready
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # the server is on this machine
-TINY = {"backbone": "resnet18", "dim": 32, "num_heads": 4, "out_dim": 16}  # as in test_serve.py
-
-
-def generated_image(seed: int) -> Image.Image:
-    """A 96x64 picture: a coloured gradient with a few rectangles, one per seed (as in test_serve.py)."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:64, 0:96]
-    base = rng.uniform(0, 255, 3)[None, None] * (x[..., None] / 96) + rng.uniform(0, 80, 3)
-    for _ in range(3):
-        x0, y0 = rng.integers(0, 70), rng.integers(0, 40)
-        base[y0 : y0 + 20, x0 : x0 + 25] = rng.uniform(0, 255, 3)
-    return Image.fromarray(base.clip(0, 255).astype(np.uint8))
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """A server on a free port over an index of 6 generated 96x64 images (tiny random Token model)."""
-    import torch
-
     root = tmp_path_factory.mktemp("browser")
-    photos = root / "photos"
-    photos.mkdir()
-    for i in range(6):
-        generated_image(i).save(photos / f"img{i}.png")
-    torch.manual_seed(0)
-    model = tokenret.create_model("token_r50", **TINY)
-    with ImageIndex.create(root / "idx", model, ExtractionConfig(max_size=64, scales=(1.0,))) as index:
-        index.sync(photos, model, progress=False, num_workers=0)
+    make_index(root)
     service = SearchService.open(root / "idx", device="cpu")
     with SearchServer(service, "127.0.0.1", 0) as srv:  # uvicorn on a background thread
         yield srv
