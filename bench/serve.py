@@ -7,8 +7,9 @@ requests and a time cap). Reported: requests/s, p50/p95/p99 latency, errors, the
 after the load (flat memory), and the offline rate (``extract_descriptors`` over the same query bytes,
 batches of the server's ``--max-batch``, in this process while the server idles).
 
-A second phase measures the slow-client case: the same load while 40 more clients hold connections open,
-trickling a body one byte at a time; goal: the load's p95 grows by no more than 20%.
+The phases take turns over ``--rounds`` rounds (the machine is shared: ratios of the same minutes, then
+medians). A third phase of each round measures the slow-client case: the same load while 40 more clients
+hold connections open, trickling a body one byte at a time; goal: the load's p95 grows by no more than 20%.
 
 Goals (issue 14): at 8 clients, throughput >= 0.9x the offline rate, no errors, flat memory; slow
 clients delay p95 by <= 20%.
@@ -145,6 +146,10 @@ def trickle(port: int, stop: threading.Event, opened: list) -> None:
                 pass
 
 
+def median_of(rounds: list[dict], phase: str, key: str) -> float:
+    return round(statistics.median(r[phase][key] for r in rounds), 3)
+
+
 def offline_rate(index_path: Path, queries: list[bytes], batch: int, repeats: int) -> dict:
     """Images/s of describing the query bytes offline with the index's model and settings, batch ``batch``."""
     from tokenret.collection import ImageIndex
@@ -176,7 +181,7 @@ def main() -> None:
     ap.add_argument("--cap", type=float, default=300, help="time cap of each load phase (s)")
     ap.add_argument("--slow-clients", type=int, default=40)
     ap.add_argument("--max-batch", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=3, help="offline-rate repeats (median)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of offline / loaded / slow-client phases")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--workdir", type=Path)
     args = ap.parse_args()
@@ -234,24 +239,43 @@ def main() -> None:
         for _ in range(3):  # warm the server up
             search(port, queries[0])
         sample = queries[: max(args.max_batch * 4, 8)]
-        offline = offline_rate(index_path, sample, args.max_batch, args.repeats)
-        rss_before = rss_mb(server.pid)
+        rss = [rss_mb(server.pid)]
         alone = load(port, queries, 1, min(args.requests, 16), args.cap)
-        loaded = load(port, queries, args.clients, args.requests, args.cap)
-        rss_after = rss_mb(server.pid)
-        stop, opened = threading.Event(), []
-        slow = [threading.Thread(target=trickle, args=(port, stop, opened)) for _ in range(args.slow_clients)]
-        for t in slow:
-            t.start()
-        time.sleep(1.0)
-        with_slow = load(port, queries, args.clients, args.requests, args.cap)
-        stop.set()
-        for t in slow:
-            t.join()
-        rss_end = rss_mb(server.pid)
+        rounds = []
+        # the phases take turns, round after round, so that each ratio compares runs of the same minutes
+        for _ in range(args.rounds):
+            offline = offline_rate(index_path, sample, args.max_batch, 1)
+            loaded = load(port, queries, args.clients, args.requests, args.cap)
+            rss.append(rss_mb(server.pid))
+            stop, opened = threading.Event(), []
+            slow = [
+                threading.Thread(target=trickle, args=(port, stop, opened)) for _ in range(args.slow_clients)
+            ]
+            for t in slow:
+                t.start()
+            time.sleep(1.0)
+            with_slow = load(port, queries, args.clients, args.requests, args.cap)
+            stop.set()
+            for t in slow:
+                t.join()
+            rss.append(rss_mb(server.pid))
+            with_slow.update(slow_clients=args.slow_clients, connections=len(opened))
+            rounds.append(
+                {
+                    "offline": offline,
+                    "loaded": loaded,
+                    "with_slow_clients": with_slow,
+                    "throughput_vs_offline": round(loaded["throughput"] / offline["rate"], 3),
+                    "p95_with_slow_vs_without": round(with_slow["p95"] / loaded["p95"], 3),
+                }
+            )
     finally:
         server.terminate()
         server.wait(30)
+
+    def median(key: str) -> float:
+        return round(statistics.median(r[key] for r in rounds), 3)
+
     result = {
         "machine": {
             "cpu": platform.processor() or platform.machine(),
@@ -262,14 +286,17 @@ def main() -> None:
         "model": args.model,
         "max_size": args.max_size,
         "index_images": len(photos),
-        "offline": offline,
         "one_client": alone,
-        "loaded": loaded,
-        "with_slow_clients": {**with_slow, "slow_clients": args.slow_clients, "connections": len(opened)},
-        "rss_mb": {"before": round(rss_before, 1), "after": round(rss_after, 1), "end": round(rss_end, 1)},
-        "ratios": {
-            "throughput_vs_offline": round(loaded["throughput"] / offline["rate"], 3),
-            "p95_with_slow_vs_without": round(with_slow["p95"] / loaded["p95"], 3),
+        "rounds": rounds,
+        "rss_mb": [round(v, 1) for v in rss],
+        "median": {
+            "offline_rate": median_of(rounds, "offline", "rate"),
+            "throughput": median_of(rounds, "loaded", "throughput"),
+            "throughput_vs_offline": median("throughput_vs_offline"),
+            "p95": median_of(rounds, "loaded", "p95"),
+            "p95_with_slow": median_of(rounds, "with_slow_clients", "p95"),
+            "p95_with_slow_vs_without": median("p95_with_slow_vs_without"),
+            "errors": sum(r["loaded"]["errors"] + r["with_slow_clients"]["errors"] for r in rounds),
         },
     }
     print(json.dumps(result, indent=2))
