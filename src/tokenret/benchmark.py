@@ -32,6 +32,7 @@ from tokenret.evaluate import (
 )
 from tokenret.extraction import ExtractionConfig, extract_descriptors, model_fingerprint
 from tokenret.models.checkpoints import tokenret_home
+from tokenret.models.convention import input_convention
 from tokenret.rerank import SuperGlobalRerank
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,7 @@ def _new_report(model, model_fp: str, extraction: dict, qe, dba, distractors, re
         "model": getattr(model, "model_name", type(model).__name__),
         "model_kwargs": getattr(model, "model_kwargs", {}),
         "model_sha256": model_fp,
+        "convention": input_convention(model).describe(),  # channel order, mean/std, size, scales, pooling
         "extraction": extraction,
         "qe": list(qe) if qe else None,
         "dba": list(dba) if dba else None,
