@@ -59,6 +59,7 @@ def test_commands_that_extract_share_the_run_time_flags_and_defaults():
             "device": None,
             "streams": 0,
             "winograd": True,
+            "engine": None,  # None: the index's own engine (or torch)
         }, name
         argv = [
             *argv,
@@ -79,6 +80,7 @@ def test_commands_that_extract_share_the_run_time_flags_and_defaults():
             "device": "cpu",
             "streams": 1,
             "winograd": False,
+            "engine": None,
         }, name
     for name in ("evaluate", "index", "extract-local"):  # the commands that choose how images are sized
         args = parser.parse_args(EXTRACTING[name])

@@ -22,12 +22,14 @@ from tokenret.cli.common import (
     extraction_config_from_args,
     local_model_from_args,
     model_from_args,
+    parse_key_values,
     runtime_from_args,
+    set_interrupt_hint,
     set_model_from_args,
 )
 from tokenret.cli.evaluate import add_rerank_arguments, rerank_from_args
 
-__all__ = ["add_parser", "local_pipeline_from_args"]
+__all__ = ["add_parser", "describe_index_model", "index_model_from_args", "local_pipeline_from_args"]
 
 
 def add_parser(subparsers: Any) -> None:
@@ -130,6 +132,13 @@ def add_parser(subparsers: Any) -> None:
         "--timeout", type=float, default=60, help="seconds an upload may take to arrive (default 60)"
     )
     add_device_argument(p)
+    p.add_argument(
+        "--engine",
+        choices=["torch", "onnxruntime"],
+        default=None,
+        help="what runs the global network for queries: always the engine the index was made with "
+        "(given, it must be that one)",
+    )
     p.set_defaults(func=_cmd_serve)
 
 
@@ -158,14 +167,70 @@ def local_pipeline_from_args(args: argparse.Namespace) -> Any:
     )
 
 
+def describe_index_model(index: Any) -> str:
+    """What an index's descriptors were made with, e.g. "token_r50 {'backbone': 'resnet18'} from best.pth"."""
+    s = index.settings
+    kwargs = f" {s['model_kwargs']}" if s.get("model_kwargs") else ""
+    return f"{s['model']}{kwargs} from {s['checkpoint']} (sha256 {str(s.get('checkpoint_sha256'))[:12]}...)"
+
+
+def check_engine(args: argparse.Namespace, index: Any) -> None:
+    """Refuse an ``--engine`` other than the one the index's descriptors were made with."""
+    made_with = index.settings["extraction"].get("engine", "torch")
+    engine = getattr(args, "engine", None)
+    if engine is not None and engine != made_with:
+        raise ValueError(
+            f"--engine {engine}: {index.path} holds descriptors made with the {made_with} engine, and "
+            "queries are described the same way; leave out --engine, or make a new index with "
+            f"--engine {engine}"
+        )
+
+
+def index_model_from_args(args: argparse.Namespace, index: Any) -> Any:
+    """The index's own model, or the one ``--model/--model-arg/--checkpoint/--pretrained`` give once checked
+    to be the index's: anything else is refused (a ValueError naming what the index holds), since queries
+    described another way are not comparable with the stored descriptors."""
+    from tokenret.collection import IndexMismatchError
+    from tokenret.models.checkpoints import CheckpointError
+
+    s = index.settings
+    check_engine(args, index)
+    holds = f"{index.path} holds descriptors of {describe_index_model(index)}"
+    fix = "leave out --model/--model-arg/--checkpoint/--pretrained to use it, or make a new index with yours"
+    if getattr(args, "model", None) and args.model != s["model"]:
+        raise ValueError(f"--model {args.model}: {holds}; {fix}")
+    recorded = s.get("model_kwargs") or {}
+    differ = {
+        k: v for k, v in parse_key_values(getattr(args, "model_arg", None)).items() if recorded.get(k) != v
+    }
+    if differ:
+        flags = " ".join(f"{k}={v}" for k, v in differ.items())
+        raise ValueError(f"--model-arg {flags}: {holds}; {fix}")
+    checkpoint, pretrained = getattr(args, "checkpoint", None), getattr(args, "pretrained", False)
+    if not (checkpoint or pretrained):
+        return index.load_model()
+    flag = f"--checkpoint {checkpoint}" if checkpoint else "--pretrained"
+    try:
+        if checkpoint:  # a copy of the index's weights (the recorded file moved): built as the index's model
+            return index.load_model(checkpoint)
+        model = model_from_args(argparse.Namespace(**{**vars(args), "model": s["model"]}))
+        index.bind(model)
+        return model
+    except (IndexMismatchError, CheckpointError):
+        raise ValueError(f"{flag} holds other weights: {holds}; {fix}") from None
+
+
 def _cmd_index(args: argparse.Namespace) -> int:
     from tokenret.collection import ImageIndex, IndexDamagedError
 
     target = Path(args.target)
+    set_interrupt_hint(
+        args, "the images described before the last commit are kept: run the same command again to go on"
+    )
     if args.out is None:  # `tokenret index INDEX --report / --check-recall / --backend / --repair`
         with ImageIndex(target, check=False) as index:
             if args.repair:
-                model = model_from_args(args) if (args.checkpoint or args.pretrained) else index.load_model()
+                model = index_model_from_args(args, index)
                 counts = index.repair(model, progress=not args.quiet, **runtime_from_args(args))
                 print(
                     f">> repaired {counts['repaired']}, unreadable {counts['failed']}; "
@@ -227,7 +292,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if (out / "meta.sqlite").exists():
         index = ImageIndex(out)
-        model = model_from_args(args) if (args.checkpoint or args.pretrained) else index.load_model()
+        model = index_model_from_args(args, index)
         if args.backend is not None or args.refine is not None:
             backend = args.backend or index.backend
             # recorded now, built once at the end of the sync below
@@ -252,6 +317,8 @@ def _cmd_index(args: argparse.Namespace) -> int:
     with index:
         counts = index.sync(target, model, progress=not args.quiet, **runtime_from_args(args))
         print(">> " + ", ".join(f"{k} {v}" for k, v in counts.items()) + f"; {len(index)} images searchable")
+        if counts["unchanged"] and (counts["added"] or counts["updated"]):
+            print(f">> kept {counts['unchanged']} image(s) described before (an earlier or interrupted run)")
         if counts["failed"]:
             print(f">> {counts['failed']} unreadable file(s): see `tokenret index {out} --report`")
         if index.backend_spec() != "exact":
@@ -326,11 +393,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         rerank_options = {"rerank": "superglobal", "rerank_m": rerank.m, "rerank_k": rerank.k}
         rerank_options["rerank_beta"] = rerank.beta
     with ImageIndex(args.index) as index:
-        if args.checkpoint or args.pretrained:
-            args.model = args.model or index.settings["model"]
-            model = model_from_args(args)  # refused below unless it is the index's model
-        else:
-            model = index.load_model()  # descriptors must be made like the stored ones
+        model = index_model_from_args(args, index)  # descriptors must be made like the stored ones
         box = _parse_box(args.box)
         hits = index.search_images(
             queries,
@@ -402,6 +465,11 @@ def _cmd_duplicates(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from tokenret.serve import Limits, serve
 
+    if args.checkpoint or args.engine:  # refused before the server starts, in the command line's words
+        from tokenret.collection import ImageIndex
+
+        with ImageIndex(args.index) as index:
+            index_model_from_args(args, index)
     try:
         serve(
             args.index,

@@ -10,7 +10,8 @@ Every command that extracts descriptors takes the same flags with the same defau
 * :func:`add_network_arguments`: how the global network runs and its scales combine (``--amp``,
   ``--compile``, ``--scale-pool``).
 * :func:`add_runtime_arguments`: how the work is run, never what it computes (``--batch-size``,
-  ``--workers``, ``--streams``, ``--device``, ``--no-winograd``).
+  ``--workers``, ``--streams``, ``--device``, ``--no-winograd``, ``--engine``: torch or onnxruntime, the
+  same descriptors to the export's parity bound).
 * :func:`add_extraction_arguments`: the last three together, for commands that choose their own settings.
 * :func:`add_local_arguments` and :func:`add_aggregator_arguments`: local features (HOW, DELF) and how they
   become one vector per image.
@@ -24,11 +25,10 @@ from __future__ import annotations
 import argparse
 import ast
 import logging
+import os
 import sys
+import traceback
 from typing import Any
-
-from tokenret.extraction import RELEASE_SCALES, ExtractionError
-from tokenret.models import checkpoints as ck
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -47,13 +47,21 @@ __all__ = [
     "local_model_from_args",
     "max_size_from_args",
     "model_from_args",
+    "model_name_from_args",
     "parse_key_values",
+    "recorded_model",
     "run_parsed",
     "runtime_from_args",
+    "set_interrupt_hint",
     "set_model_from_args",
+    "user_errors",
 ]
 
 DEFAULT_MODEL = "token_r101"
+
+# tokenret.extraction.RELEASE_SCALES, written out for the help text: importing it would import torch
+# (tests/test_cli_experience.py checks that the two agree).
+HELP_SCALES = (1.0, 2**0.5, 2**-0.5)
 
 log = logging.getLogger("tokenret")
 
@@ -82,7 +90,12 @@ def add_verbose_argument(p: argparse.ArgumentParser) -> None:
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """The global model: a registry name, its weights, architecture overrides."""
-    p.add_argument("--model", default=DEFAULT_MODEL, help="registry name (see `tokenret models`)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="registry name (see `tokenret models`; default: the one a --checkpoint saved by tokenret "
+        f"records, else {DEFAULT_MODEL})",
+    )
     g = p.add_mutually_exclusive_group()
     g.add_argument("--checkpoint", help="weights file (released or saved by tokenret)")
     g.add_argument("--pretrained", action="store_true", help="download the released weights once")
@@ -124,7 +137,7 @@ def add_image_arguments(p: argparse.ArgumentParser) -> None:
         type=float,
         nargs="+",
         default=None,
-        help=f"multi-scale factors (default: the model's, {', '.join(f'{s:.4g}' for s in RELEASE_SCALES)} "
+        help=f"multi-scale factors (default: the model's, {', '.join(f'{s:.4g}' for s in HELP_SCALES)} "
         "for Token; with --local the extractor's own pyramid)",
     )
 
@@ -178,6 +191,14 @@ def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
         action="store_false",
         help="CPU, global descriptors: keep oneDNN's direct 3x3 convolutions instead of NNPACK's fast ones "
         "(which differ by float32 rounding, relative ~1e-5 on the trunk's features)",
+    )
+    g.add_argument(
+        "--engine",
+        choices=["torch", "onnxruntime"],
+        default=None,
+        help="what runs the global network: torch (default), or onnxruntime (the model exported to ONNX "
+        "once into $TOKENRET_HOME/onnx; needs pip install 'tokenret[onnx]'; descriptors within 1e-4 of "
+        "torch's, cached apart; an index keeps the engine it was made with)",
     )
 
 
@@ -245,16 +266,50 @@ def add_aggregator_arguments(p: argparse.ArgumentParser, *, asmk: bool) -> None:
 # ------------------------------------------------------------------------------- objects built from them
 
 
+def recorded_model(checkpoint: str | None) -> str | None:
+    """The model name a weights file saved by tokenret records (None for other files, or none given).
+
+    The file is memory-mapped, not read: its tensors are read once, when the model is built.
+    """
+    if not checkpoint:
+        return None
+    import torch
+
+    from tokenret.models.checkpoints import TOKENRET_FORMAT
+
+    try:
+        obj = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a readable file: building the model reports why, with advice
+        return None
+    if (
+        isinstance(obj, dict)
+        and obj.get("format") == TOKENRET_FORMAT
+        and isinstance(obj.get("model_name"), str)
+    ):
+        return obj["model_name"]
+    return None
+
+
+def model_name_from_args(args: argparse.Namespace) -> str:
+    """``--model``; left out, the name a ``--checkpoint`` saved by tokenret records, else the default."""
+    return getattr(args, "model", None) or recorded_model(getattr(args, "checkpoint", None)) or DEFAULT_MODEL
+
+
 def model_from_args(args: argparse.Namespace) -> Any:
     """The global model of :func:`add_model_arguments` (a warning when it has random weights)."""
     from tokenret.models.registry import create_model
 
-    if not args.checkpoint and not args.pretrained:
-        log.warning(
-            "no --checkpoint or --pretrained: %s has random weights, results are meaningless", args.model
+    name = model_name_from_args(args)
+    recorded = recorded_model(args.checkpoint)
+    if recorded and recorded != name:
+        raise ValueError(
+            f"--model {name}: {args.checkpoint} was saved by tokenret for {recorded}; leave out --model "
+            f"(the file names its model) or give --model {recorded}"
         )
+    if not args.checkpoint and not args.pretrained:
+        log.warning("no --checkpoint or --pretrained: %s has random weights, results are meaningless", name)
     return create_model(
-        args.model, checkpoint=args.checkpoint, pretrained=args.pretrained, **parse_key_values(args.model_arg)
+        name, checkpoint=args.checkpoint, pretrained=args.pretrained, **parse_key_values(args.model_arg)
     )
 
 
@@ -264,7 +319,7 @@ def extraction_config_from_args(args: argparse.Namespace) -> Any:
     from tokenret.extraction import ExtractionConfig
     from tokenret.models.registry import get_model_config
 
-    convention = get_model_config(getattr(args, "model", DEFAULT_MODEL)).input_convention
+    convention = get_model_config(model_name_from_args(args)).input_convention
     return ExtractionConfig(
         max_size=max_size_from_args(args.max_size, convention.max_size),
         scales=tuple(args.scales) if args.scales else convention.scales,
@@ -276,6 +331,7 @@ def extraction_config_from_args(args: argparse.Namespace) -> Any:
         compile=args.compile,
         streams=args.streams,
         winograd=args.winograd,
+        engine=getattr(args, "engine", None) or "torch",
     )
 
 
@@ -288,6 +344,7 @@ def runtime_from_args(args: argparse.Namespace) -> dict[str, object]:
         "device": args.device,
         "streams": args.streams,
         "winograd": args.winograd,
+        "engine": getattr(args, "engine", None),  # None: the index's own
     }
 
 
@@ -321,7 +378,7 @@ def local_config_from_args(args: argparse.Namespace) -> Any:
 
 def set_model_from_args(args: argparse.Namespace) -> Any:
     """The Token set model for --aggregator token: --model/--checkpoint, by default token_set_<--local>."""
-    if args.model == DEFAULT_MODEL:  # the default global model makes no sense here
+    if not args.model and not recorded_model(args.checkpoint):  # the default global model makes no sense here
         args.model = f"token_set_{args.local}"
     return model_from_args(args)
 
@@ -331,40 +388,95 @@ def set_model_from_args(args: argparse.Namespace) -> Any:
 
 # The errors a user can act on: printed as one line, exit status 2 (anything else is a bug: a traceback).
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    ck.CheckpointError,
-    ck.WeightsUnavailableError,
     FileNotFoundError,
+    FileExistsError,
+    IsADirectoryError,
+    NotADirectoryError,
+    PermissionError,
     KeyError,
     ValueError,
-    ExtractionError,
     ImportError,  # an optional dependency (faiss-cpu, qdrant-client): the message names the install
     ConnectionError,  # a search server (Qdrant) that cannot be reached
 )
+
+# tokenret's own errors a user can act on, by module: looked up only once their module has been imported
+# (none can come from a module never imported, and importing them to name them would import torch).
+TOKENRET_USER_ERRORS: dict[str, tuple[str, ...]] = {
+    "tokenret.models.checkpoints": ("CheckpointError", "WeightsUnavailableError"),
+    "tokenret.extraction.image_list": ("ExtractionError",),
+    "tokenret.data.images": ("ImageLoadError",),
+    "tokenret.collection": ("IndexDamagedError", "IndexLockedError", "IndexMismatchError"),
+    "tokenret.export.onnx": ("ExportError",),
+}
+
+#: Exit status after Ctrl-C (128 + SIGINT, as a shell reports it) and after a closed stdout (128 + SIGPIPE).
+EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The exception classes printed as one line with exit status 2 (of the modules imported so far)."""
+    found = list(USER_ERRORS)
+    for module_name, names in TOKENRET_USER_ERRORS.items():
+        module = sys.modules.get(module_name)
+        if module is not None:
+            found.extend(getattr(module, name) for name in names if hasattr(module, name))
+    return tuple(found)
+
+
+def set_interrupt_hint(args: argparse.Namespace, hint: str) -> None:
+    """What :func:`run_parsed` prints after Ctrl-C, e.g. how to resume (a command sets it once it knows)."""
+    args.interrupt_hint = hint
 
 
 def run_parsed(args: argparse.Namespace) -> int:
     """Set up logging from ``--verbose``, run the subcommand's ``func``, report user errors on stderr.
 
+    A user error is one line on stderr (with ``-v``, its traceback first); Ctrl-C stops with the command's
+    resume hint (:func:`set_interrupt_hint`); a closed stdout (``tokenret duplicates IDX | head``) ends
+    quietly.
+
     Returns:
-        The subcommand's exit status; 2 after a user error.
+        The subcommand's exit status; 2 after a user error, 130 after Ctrl-C, 141 after a closed stdout.
     """
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
-    )
+    verbose = getattr(args, "verbose", False)
+    level = logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(message)s")
     try:
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        return status
+    except KeyboardInterrupt:
+        if verbose:
+            traceback.print_exc()
+        hint = getattr(args, "interrupt_hint", None)
+        print(f"\ntokenret: interrupted{'; ' + hint if hint else ''}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
     except Exception as e:
-        if not isinstance(e, USER_ERRORS + index_errors()):
+        if not isinstance(e, user_errors()):
             raise
+        if verbose:
+            traceback.print_exc()
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"tokenret: error: {msg}", file=sys.stderr)
+        if isinstance(e, OSError) and e.filename is not None and not isinstance(e, ConnectionError):
+            msg = f"{e.strerror or e}: {e.filename}"
+        print(f"tokenret: error: {one_line(str(msg))}", file=sys.stderr)
         return 2
 
 
-def index_errors() -> tuple[type[BaseException], ...]:
-    """The folder index's errors a user can act on (a damaged index, another writer, another model), once
-    the index has been imported (importing it only to name them would slow every command down)."""
-    collection = sys.modules.get("tokenret.collection")
-    if collection is None:
-        return ()
-    return (collection.IndexDamagedError, collection.IndexLockedError, collection.IndexMismatchError)
+def one_line(text: str) -> str:
+    """``text`` on one line (a multi-line message's lines joined with '; ')."""
+    return "; ".join(line.strip() for line in text.strip().splitlines() if line.strip())
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush finds no closed pipe to complain of."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no file descriptor (a captured stdout): nothing will be flushed to a pipe
+        pass

@@ -16,10 +16,11 @@ from tokenret.cli.common import (
     local_config_from_args,
     local_model_from_args,
     model_from_args,
+    set_interrupt_hint,
     set_model_from_args,
 )
 
-__all__ = ["add_parser", "add_rerank_arguments", "aggregator_from_args", "rerank_from_args"]
+__all__ = ["add_parser", "add_rerank_arguments", "aggregator_from_args", "image_path", "rerank_from_args"]
 
 
 def add_rerank_arguments(p: argparse.ArgumentParser, what: str, excludes: str) -> None:
@@ -90,7 +91,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--queries", type=int, nargs="*", help="query indices (default: the first 5)")
     p.add_argument("--top", type=int, default=10)
     p.add_argument("--protocol", choices=["easy", "medium", "hard"], default="medium")
-    p.add_argument("--out", default="results.png")
+    p.add_argument("--out", default="results.png", help="picture file (no image extension: PNG, .png added)")
     p.set_defaults(func=_cmd_show_results)
 
 
@@ -130,6 +131,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     rerank = rerank_from_args(args)
     if rerank is not None and (qe or dba):
         raise ValueError(RERANK_WITH_QE_DBA)
+    cache = args.cache_dir or "$TOKENRET_HOME/descriptors"
+    set_interrupt_hint(
+        args, f"the descriptors finished so far are cached in {cache}: run the same command again to go on"
+    )
     if args.local:
         aggregator = aggregator_from_args(args)
         report = run_local_benchmark(
@@ -169,6 +174,16 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def image_path(out: str) -> Path:
+    """``--out`` as a picture's path: one without an image extension (``evalshow``) gets ``.png``."""
+    from PIL import Image
+
+    path = Path(out)
+    return (
+        path if path.suffix.lower() in Image.registered_extensions() else path.with_name(path.name + ".png")
+    )
+
+
 def _cmd_show_results(args: argparse.Namespace) -> int:
     from tokenret.data.revisited import RevisitedDataset
     from tokenret.viz import result_grid
@@ -183,7 +198,8 @@ def _cmd_show_results(args: argparse.Namespace) -> int:
     if bad:
         raise ValueError(f"query indices {bad} out of range 0..{len(ds.qimlist) - 1}")
     grid = result_grid(ds, queries, entry["top_ranks"], args.protocol, args.top)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    grid.save(args.out)
-    print(f">> wrote {args.out} ({len(queries)} queries x top {args.top}, {args.protocol} labels)")
+    out = image_path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(out)
+    print(f">> wrote {out} ({len(queries)} queries x top {args.top}, {args.protocol} labels)")
     return 0

@@ -16,6 +16,7 @@ from tokenret.cli.common import (
     add_runtime_arguments,
     local_config_from_args,
     local_model_from_args,
+    set_interrupt_hint,
 )
 
 __all__ = ["add_parser"]
@@ -91,6 +92,9 @@ def _cmd_extract_local(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"no images found in {args.images or args.data_root}")
     out = Path(args.out)
     model = local_model_from_args(args)
+    set_interrupt_hint(
+        args, f"the sets finished so far are kept in {out / 'shards'}: run the same command again to go on"
+    )
     result = extract_local_sets(
         model,
         paths,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from tokenret.cli.common import add_verbose_argument, run_parsed
+from tokenret.cli.common import add_verbose_argument, run_parsed, set_interrupt_hint
 
 __all__ = ["add_parser", "main", "run_train"]
 
@@ -56,6 +56,11 @@ def run_train(args: argparse.Namespace) -> int:
         resume=args.resume,
         resume_from=args.resume_from,
         output_dir=args.output_dir,
+    )
+    set_interrupt_hint(
+        args,
+        "continue from the run's last saved checkpoint with "
+        f"`tokenret train --resume --output-dir {cfg.train.output_dir}`",
     )
     if args.print_config:
         from tokenret.train.config import config_to_yaml

@@ -57,6 +57,13 @@ log = logging.getLogger(__name__)
 
 #: Descriptors stored per transaction by :meth:`ImageIndex.add_descriptors`.
 STORE_CHUNK = 65536
+#: Seconds of extraction after which :meth:`ImageIndex.add_paths` commits what it has described (as it does
+#: every ``chunk`` images), so that an interruption loses about this much work at most.
+COMMIT_SECONDS = 60.0
+#: Images described before the first commit, while the time an image takes is not known yet.
+FIRST_COMMIT = 8
+#: The clock of the commits (a name of its own, so that tests can run it faster).
+_clock = time.monotonic
 
 
 @dataclass
@@ -269,9 +276,14 @@ class ImageIndex:
         chunk: int = 64,
         progress: bool = True,
         skipped: Sequence[tuple[str | Path, str]] = (),
+        commit_seconds: float = COMMIT_SECONDS,
         **runtime: Any,
     ) -> dict[str, int]:
         """Describe and store images that are new or changed since they were stored.
+
+        Finished work is committed every ``chunk`` images and about every ``commit_seconds`` of extraction
+        (each commit is sized from the time the last one took per image), so an interruption loses at most
+        about that much; a new run skips the images committed before (counted as unchanged).
 
         Entries that cannot be read as image files (broken links, symlink loops, named pipes, names that
         are not UTF-8; see :func:`~tokenret.data.files.unreadable_reason`), and ``skipped`` entries (path,
@@ -299,15 +311,28 @@ class ImageIndex:
                 counts["unchanged"] += 1
                 continue
             todo.append((p, stat, reason))
-        with tqdm(total=len(todo), desc="index", unit="img", disable=not progress) as bar:
-            for start in range(0, len(todo), chunk):
-                part = todo[start : start + chunk]
+        kept = counts[
+            "unchanged"
+        ]  # described before (by an earlier run, or one interrupted): the bar starts there
+        with tqdm(
+            total=kept + len(todo), initial=kept, desc="index", unit="img", disable=not progress
+        ) as bar:
+            start, size = 0, min(chunk, FIRST_COMMIT)
+            while start < len(todo):
+                part = todo[start : start + size]
                 readable = [t for t in part if t[2] is None]
+                began = _clock()
                 result = extract_descriptors(
-                    model, [t[0] for t in readable], None, config, on_error="record", progress=False
+                    model, [t[0] for t in readable], None, config, on_error="record", progress=False, bar=bar
                 )
                 self.catalogue.store(part, result.descriptors, result.failures, known, counts)
-                bar.update(len(part))
+                bar.update(len(part) - len(readable))  # the entries never opened (extraction counts the rest)
+                start += len(part)
+                if (
+                    readable
+                ):  # the next commit: about commit_seconds at this commit's pace, at most chunk images
+                    per_image = max(_clock() - began, 1e-9) / len(readable)
+                    size = max(1, min(chunk, int(commit_seconds / per_image)))
         self.update_ann()
         return counts
 

@@ -37,7 +37,13 @@ from tokenret.data.local_store import STORE_DTYPES, LocalDescriptorStore
 from tokenret.extraction.descriptors import model_fingerprint
 from tokenret.extraction.image_list import Box, ExtractionError, ImageList, collate_one, list_fingerprint
 from tokenret.extraction.network import LastCopy, weights_state
-from tokenret.extraction.shards import ShardStore, extract_unsharded
+from tokenret.extraction.shards import (
+    ShardStore,
+    atomic_write_text,
+    extract_unsharded,
+    failures_json,
+    read_failures_json,
+)
 from tokenret.extraction.streams import check_streams, resolve_device, resolve_streams, run_streams
 from tokenret.models.fuse import fold_batchnorm, fuse_activations
 
@@ -312,6 +318,31 @@ class LocalShardStore(ShardStore):
         if self._dir(s).exists():
             shutil.rmtree(self._dir(s))
         os.replace(tmp, self._dir(s))
+
+    def piece_done(self, path: Path) -> bool:
+        return (path / "store.json").is_file()
+
+    def write_piece(
+        self, s: int, part: range, store: LocalDescriptorStore, failures: dict[int, tuple[str, str]]
+    ) -> None:
+        path = self._piece(s, part)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path.with_name(path.name + ".failures.json"), failures_json(failures))
+        tmp = path.with_name(path.name + ".tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        store.save(tmp)
+        os.replace(tmp, path)
+
+    def read_piece(self, s: int, part: range) -> tuple[LocalDescriptorStore, dict[int, tuple[str, str]]]:
+        path = self._piece(s, part)
+        failures = read_failures_json(path.with_name(path.name + ".failures.json"))
+        return LocalDescriptorStore.load(path, mmap=False), failures
+
+    def merge(self, pieces: list[tuple[LocalDescriptorStore, dict]]) -> tuple[LocalDescriptorStore, dict]:
+        return LocalDescriptorStore.concatenate([p[0] for p in pieces]), {
+            k: v for p in pieces for k, v in p[1].items()
+        }
 
     def read_all(self) -> LocalExtractionResult:
         stores = [LocalDescriptorStore.load(self._dir(s)) for s in range(self.n_shards)]

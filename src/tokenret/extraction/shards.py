@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import shutil
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,13 +22,30 @@ from tokenret.extraction.streams import dist_info
 
 log = logging.getLogger(__name__)
 
+#: Seconds of extraction after which a shard's finished part is written as a piece (an interruption loses at
+#: most about this much of a shard's work).
+PIECE_SECONDS = 60.0
+#: Images of the first piece, while the time an image takes is not known yet.
+FIRST_PIECE = 8
+#: The clock of the pieces (a name of its own, so that tests can run it faster).
+_clock = time.monotonic
+
 
 def extract_unsharded(
-    n: int, extract_range: Callable[[Sequence[int], tqdm], tuple[Any, dict]], progress: bool, desc: str
+    n: int,
+    extract_range: Callable[[Sequence[int], tqdm], tuple[Any, dict]],
+    progress: bool,
+    desc: str,
+    bar: tqdm | None = None,
 ) -> tuple[Any, dict]:
-    """All ``n`` images in this process, without shards (refused under torchrun: nothing to merge through)."""
+    """All ``n`` images in this process, without shards (refused under torchrun: nothing to merge through).
+
+    ``bar``: a progress bar to advance instead of a new one (a caller's, running over several calls).
+    """
     if dist_info()[1] > 1:
         raise ValueError("distributed extraction needs out_dir (shards are merged through the file system)")
+    if bar is not None:
+        return extract_range(range(n), bar)
     with tqdm(total=n, desc=desc, unit="img", disable=not progress) as bar:
         return extract_range(range(n), bar)
 
@@ -35,9 +53,13 @@ def extract_unsharded(
 class ShardStore:
     """Descriptor shards in a directory: ``manifest.json``, ``shard_XXXXX.npy`` and its failures JSON.
 
-    A shard exists only once completely written (temporary file, then rename), so an interruption loses at
-    most the shard in progress.
+    A shard exists only once completely written (temporary file, then rename). A shard whose extraction takes
+    longer than ``PIECE_SECONDS`` is written meanwhile as pieces (``shard_XXXXX.pieces/``, each one sized
+    from the pace of the last), merged into the shard at its end: an interruption loses about a minute of work
+    at most, and a resumed run starts after the last piece.
     """
+
+    piece_seconds = PIECE_SECONDS
 
     def __init__(self, root: Path, n: int, shard_size: int) -> None:
         self.root, self.n, self.shard_size = root, n, max(1, int(shard_size))
@@ -91,16 +113,87 @@ class ShardStore:
             self.check_manifest(manifest)
         mine = [s for s in range(self.n_shards) if s % world == rank]
         todo = [s for s in mine if not self.is_done(s)]
+        for s in set(mine) - set(todo):  # merged, then interrupted before its pieces were removed
+            shutil.rmtree(self._pieces(s), ignore_errors=True)
+        pieces = {s: self.finished_pieces(s) for s in todo}
         total = sum(len(self.shard_range(s)) for s in mine)
-        done = total - sum(len(self.shard_range(s)) for s in todo)
+        done = (
+            total
+            - sum(len(self.shard_range(s)) for s in todo)
+            + sum(len(p) for ps in pieces.values() for p in ps)
+        )
+        size = FIRST_PIECE  # images until the next piece; from then on, about piece_seconds at the last pace
         with tqdm(total=total, initial=done, desc=desc, unit="img", disable=not progress or rank != 0) as bar:
             for s in todo:
-                self.write(s, *extract_range(self.shard_range(s), bar))
+                r = self.shard_range(s)
+                start = pieces[s][-1].stop if pieces[s] else r.start
+                while start < r.stop:
+                    part = range(start, min(r.stop, start + size))
+                    began = _clock()
+                    result = extract_range(part, bar)
+                    if part.stop == r.stop and not pieces[s]:  # the whole shard at once
+                        self.write(s, *result)
+                    else:
+                        self.write_piece(s, part, *result)
+                        pieces[s].append(part)
+                    per_image = max(_clock() - began, 1e-9) / len(part)
+                    size = max(1, int(self.piece_seconds / per_image))
+                    start = part.stop
+                if pieces[s]:
+                    self.write(s, *self.merge([self.read_piece(s, p) for p in pieces[s]]))
+                    shutil.rmtree(self._pieces(s))
         if world > 1:
             dist.barrier()
 
+    # -- pieces of a shard, written while it is extracted -----------------------------------------------
+
+    def _pieces(self, s: int) -> Path:
+        return self.root / f"shard_{s:05d}.pieces"
+
+    def _piece(self, s: int, part: range) -> Path:
+        return self._pieces(s) / f"{part.start:09d}-{part.stop:09d}"
+
+    def piece_done(self, path: Path) -> bool:
+        return path.with_name(path.name + ".npy").exists()
+
+    def finished_pieces(self, s: int) -> list[range]:
+        """The pieces of shard ``s`` written so far that follow each other from its start."""
+        found = {}
+        if self._pieces(s).is_dir():
+            for f in self._pieces(s).iterdir():
+                start, sep, stop = f.name.split(".")[0].partition("-")
+                if (
+                    sep
+                    and start.isdigit()
+                    and stop.isdigit()
+                    and self.piece_done(f.with_name(f.name.split(".")[0]))
+                ):
+                    found[int(start)] = range(int(start), int(stop))
+        out, at = [], self.shard_range(s).start
+        while at in found:
+            out.append(found[at])
+            at = found[at].stop
+        return out
+
+    def write_piece(self, s: int, part: range, result: Any, failures: dict[int, tuple[str, str]]) -> None:
+        path = self._piece(s, part)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path.with_name(path.name + ".failures.json"), failures_json(failures))
+        tmp = path.with_name(path.name + ".tmp.npy")
+        np.save(tmp, result)
+        os.replace(tmp, path.with_name(path.name + ".npy"))
+
+    def read_piece(self, s: int, part: range) -> tuple[Any, dict[int, tuple[str, str]]]:
+        path = self._piece(s, part)
+        failures = read_failures_json(path.with_name(path.name + ".failures.json"))
+        return np.load(path.with_name(path.name + ".npy")), failures
+
+    def merge(self, pieces: list[tuple[Any, dict[int, tuple[str, str]]]]) -> tuple[Any, dict]:
+        """One shard's result from its pieces' (in order)."""
+        return np.concatenate([p[0] for p in pieces]), {k: v for p in pieces for k, v in p[1].items()}
+
     def write_failures(self, s: int, failures: dict[int, tuple[str, str]]) -> None:
-        atomic_write_text(self._failures(s), json.dumps({str(k): list(v) for k, v in failures.items()}))
+        atomic_write_text(self._failures(s), failures_json(failures))
 
     def read_failures(self) -> dict[int, tuple[str, str]]:
         """Unreadable images of every shard: image index -> (path, reason)."""
@@ -124,6 +217,16 @@ class ShardStore:
             r = self.shard_range(s)
             out[r.start : r.stop] = np.load(self._npy(s))
         return out, self.read_failures()
+
+
+def failures_json(failures: dict[int, tuple[str, str]]) -> str:
+    """Failures (image index -> (path, reason)) as the JSON the shards keep beside their results."""
+    return json.dumps({str(k): list(v) for k, v in failures.items()})
+
+
+def read_failures_json(path: Path) -> dict[int, tuple[str, str]]:
+    """The failures :func:`failures_json` wrote to ``path``."""
+    return {int(k): (v[0], v[1]) for k, v in json.loads(path.read_text()).items()}
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,11 +119,41 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
         except (TypeError, ValueError):
             continue
         info.matches.append(ModelMatch(name, kwargs, ck.compare_keys(model, state), model.descriptor_dim))
-    # Exact fits first; among them prefer the registry default backbone (e.g. token_r50 for an R50 file).
+    # Exact fits first; among them prefer the registry default backbone (e.g. token_r50 for an R50 file), then
+    # the nearest one in depth (token_r50 for an R18 file: token_r101 would build the same network).
     info.matches.sort(
-        key=lambda m: (m.problems, m.kwargs.get("backbone") != get_model_config(m.name).backbone)
+        key=lambda m: (
+            m.problems,
+            m.kwargs.get("backbone") != get_model_config(m.name).backbone,
+            _depth_distance(m.kwargs.get("backbone"), get_model_config(m.name).backbone),
+        )
     )
     return info
+
+
+def _depth_distance(backbone: str | None, default: str | None) -> int:
+    """|depth of ``backbone`` - depth of the entry's ``default``| (0 when either is unknown)."""
+    depths = [int(m.group()) for m in (re.search(r"\d+", b or "") for b in (backbone, default)) if m]
+    return abs(depths[0] - depths[1]) if len(depths) == 2 else 0
+
+
+def load_call(name: str, path: str, kwargs: dict[str, Any]) -> str:
+    """The Python call that rebuilds the model of a file: name, checkpoint and every architecture argument."""
+    arguments = "".join(f", {k}={v!r}" for k, v in kwargs.items())
+    return f"tokenret.create_model({name!r}, checkpoint={path!r}{arguments})"
+
+
+def command_line_flags(name: str, path: str, kwargs: dict[str, Any], recorded: bool) -> str:
+    """The ``tokenret index/evaluate`` flags that build the same model (a file saved by tokenret records its
+    name and arguments, so ``--checkpoint`` alone does)."""
+    if recorded:
+        return f"--checkpoint {shlex.quote(path)}"
+    flags = f"--model {name}"
+    if kwargs:
+        flags += " --model-arg " + " ".join(
+            shlex.quote(f"{k}={v}" if isinstance(v, str) else f"{k}={v!r}") for k, v in kwargs.items()
+        )
+    return f"{flags} --checkpoint {shlex.quote(path)}"
 
 
 def format_info(info: CheckpointInfo) -> str:
@@ -154,7 +186,12 @@ def format_info(info: CheckpointInfo) -> str:
         lines.append(f"descriptor:  {best.descriptor_dim}-d")
         if extra:
             lines.append(f"arguments:   {extra}")
-        lines.append(f"load with:   tokenret.create_model({best.name!r}, checkpoint={info.path!r})")
+        lines.append(f"load with:   {load_call(best.name, info.path, best.kwargs)}")
+        recorded = info.layout == "tokenret checkpoint"
+        lines.append(f"flags:       {command_line_flags(best.name, info.path, best.kwargs, recorded)}")
+        same = [m.name for m in info.matches[1:] if m.report.ok and m.kwargs == best.kwargs]
+        if same:
+            lines.append(f"also fits:   {', '.join(same)} (the same network with these arguments)")
     else:
         lines.append(f"model:       no exact match; closest is {best.name} ({best.problems} problems)")
         lines.append(f"             {ck.format_report(best.report)}")
