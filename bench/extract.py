@@ -5,16 +5,22 @@ each scale resized with F.interpolate and run separately, default (NCHW) memory 
 tokenret: ``extract_descriptors`` (channels_last, BatchNorm folded into the convolutions, ReLU and residual
 add fused into them on CPU, inference_mode, DataLoader workers, equal-size batching, on CPU two streams of
 batches sharing the threads, NNPACK's fast 3x3 convolutions in 1-thread streams, optional bf16 autocast).
-Both run the same model and images in one process; the images are synthetic 1024x768 / 768x1024 JPEGs
+tokenret onnxruntime: the same extraction with ``engine="onnxruntime"`` (the model exported to ONNX once,
+before the timed runs, into a temporary $TOKENRET_HOME; ONNX Runtime's own thread pool of --threads threads;
+needs pip install 'tokenret[onnx]', else the row is left out with a note).
+All run the same model and images in one process; the images are synthetic 1024x768 / 768x1024 JPEGs
 written to a temporary folder (content does not change the speed).
 
-    python bench/extract.py [--n 6] [--threads 2] [--repeats 3] [--compile] [--skip-bf16] [--json F]
+    python bench/extract.py [--n 6] [--threads 2] [--repeats 3] [--compile] [--skip-bf16] [--skip-onnx]
+                            [--json F]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -67,6 +73,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="runs per variant, interleaved (median)")
     ap.add_argument("--compile", action="store_true", help="add a torch.compile row (compiled once first)")
     ap.add_argument("--skip-bf16", action="store_true", help="no bf16 (slow without avx512_bf16)")
+    ap.add_argument("--skip-onnx", action="store_true", help="no onnxruntime row")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -76,6 +83,7 @@ def main() -> None:
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     with tempfile.TemporaryDirectory() as tmp:
         paths = synthetic_jpegs(Path(tmp), args.n)
+        os.environ["TOKENRET_HOME"] = str(Path(tmp) / "home")  # the exported .onnx, deleted afterwards
 
         def config(
             amp: str = "off",
@@ -84,6 +92,7 @@ def main() -> None:
             fuse: bool = True,
             streams: int = 0,
             winograd: bool = True,
+            engine: str = "torch",
         ) -> ExtractionConfig:
             return ExtractionConfig(
                 batch_size=args.batch_size,
@@ -95,6 +104,7 @@ def main() -> None:
                 compile=compile,
                 streams=streams,
                 winograd=winograd,
+                engine=engine,
             )
 
         def ours(amp: str, **kwargs):
@@ -115,11 +125,24 @@ def main() -> None:
             runs["tokenret bf16 autocast"] = ours("bf16")
         if dev.type == "cuda":
             runs["tokenret fp16 autocast"] = ours("fp16")
+        onnx_note = None
+        if args.skip_onnx:
+            onnx_note = "left out (--skip-onnx)"
+        elif importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None:
+            onnx_note = "left out: pip install 'tokenret[onnx]'"
+        else:
+            runs["tokenret onnxruntime fp32"] = ours("off", engine="onnxruntime")
         # warm-up on one image each (allocator, cuDNN/oneDNN algorithm choice)
         release_style(model, paths[:1], dev)
         extract_descriptors(  # two images: on CPU both streams set up their one-thread convolutions
             model, paths[:2], config=ExtractionConfig(device=args.device, num_workers=0), progress=False
         )
+        export_seconds = None
+        if "tokenret onnxruntime fp32" in runs:  # the one-off export, reported apart (later runs read it)
+            t = time.perf_counter()
+            extract_descriptors(model, paths[:2], config=config(engine="onnxruntime"), progress=False)
+            export_seconds = time.perf_counter() - t
+            print(f"ONNX export + onnxruntime warm-up (2 images): {export_seconds:.0f} s")
         compile_seconds = None
         if args.compile:  # the one-off compilation, reported apart (later calls re-use the compiled copy)
             t = time.perf_counter()
@@ -153,9 +176,19 @@ def main() -> None:
                 f"  {name:<42s} {r['images_per_s']:7.3f} img/s  x{r['speedup']:5.2f}  "
                 f"min cos vs release {r['min_cosine_vs_release']:.6f}"
             )
+        if onnx_note:
+            print(f"  tokenret onnxruntime fp32: {onnx_note}")
     if args.json:
         Path(args.json).write_text(
-            json.dumps({"args": vars(args), "rows": rows, "compile_seconds": compile_seconds}, indent=2)
+            json.dumps(
+                {
+                    "args": vars(args),
+                    "rows": rows,
+                    "compile_seconds": compile_seconds,
+                    "onnx_export_seconds": export_seconds,
+                },
+                indent=2,
+            )
         )
 
 

@@ -5,6 +5,7 @@
 * :mod:`~tokenret.cli.local`: ``extract-local``, ``delf-pca``, ``codebook``
 * :mod:`~tokenret.cli.collection`: ``index``, ``search``, ``show``, ``duplicates``, ``serve``
 * :mod:`~tokenret.cli.train`: ``train``
+* :mod:`~tokenret.cli.export`: ``export``
 * :mod:`~tokenret.cli.common`: the argument groups they share and the error handling
 
 Example:
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 
-from tokenret.cli import collection, evaluate, local, models, train
+from tokenret.cli import collection, evaluate, export, local, models, train
 from tokenret.cli.common import (
     add_verbose_argument,
     extraction_config_from_args,
@@ -36,7 +37,7 @@ __all__ = [
 ]
 
 # The order of `tokenret --help`.
-_FAMILIES = (models, evaluate, local, collection, train)
+_FAMILIES = (models, evaluate, local, collection, train, export)
 
 
 def build_parser() -> argparse.ArgumentParser:

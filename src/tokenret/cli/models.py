@@ -15,8 +15,12 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'token_*'")
     p.set_defaults(func=_cmd_models)
 
-    p = subparsers.add_parser("info", help="what a checkpoint file holds and which model it fits")
-    p.add_argument("checkpoint", help="a .pth file (released or saved by tokenret)")
+    p = subparsers.add_parser(
+        "info", help="what a checkpoint file holds and which model it fits, or what an exported .onnx expects"
+    )
+    p.add_argument(
+        "checkpoint", help="a .pth file (released or saved by tokenret), or a .onnx file it exported"
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_info)
 
@@ -48,9 +52,19 @@ def _print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
+    if str(args.checkpoint).lower().endswith(".onnx"):
+        return _onnx_info(args)
     from tokenret.models.inspect import format_info, inspect_checkpoint
 
     info = inspect_checkpoint(args.checkpoint)
     print(json.dumps(info.to_dict(), indent=2) if args.json else format_info(info))
     best = info.best
     return 0 if best is not None and best.report.ok and not info.non_finite else 1
+
+
+def _onnx_info(args: argparse.Namespace) -> int:
+    from tokenret.export import format_onnx_metadata, read_onnx_metadata
+
+    meta = read_onnx_metadata(args.checkpoint)
+    print(json.dumps(meta, indent=2) if args.json else format_onnx_metadata(args.checkpoint, meta))
+    return 0

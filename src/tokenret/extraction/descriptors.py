@@ -48,6 +48,7 @@ from tokenret.extraction.image_list import (
 )
 from tokenret.extraction.multiscale import multiscale_descriptor
 from tokenret.extraction.network import LastCopy, check_compiler, weights_state
+from tokenret.extraction.onnx_engine import ENGINES, onnx_network
 from tokenret.extraction.shards import ShardStore, extract_unsharded
 from tokenret.extraction.streams import autocast, check_streams, resolve_device, resolve_streams, run_streams
 from tokenret.models.convention import CIRTORCH_SCALES, InputConvention, input_convention, parse_scale_pool
@@ -107,6 +108,11 @@ class ExtractionConfig:
         scale_pool: how the scales combine (:data:`~tokenret.models.convention.SCALE_POOLS`); "model"
             (default): the model's own (mean for Token, the generalised mean of cirtorch's GeM networks,
             sGeM for SuperGlobal).
+        engine: what runs the forward passes: "torch" (default), or "onnxruntime", the model's exported
+            descriptor network in ONNX Runtime (``tokenret.extraction.onnx_engine``; exported once per
+            weights into ``$TOKENRET_HOME/onnx``; float32 only, no ``compile``; the same descriptors to the
+            export's parity bound, max abs difference 1e-4). Part of the fingerprint when not "torch", so
+            that the two engines' descriptors are cached apart.
 
     ``max_size`` and ``scales`` default to the Token release's; :meth:`for_model` takes them from a model's
     input convention instead (what ``extract_descriptors(model, paths)`` does without a config, and the
@@ -127,6 +133,7 @@ class ExtractionConfig:
     device: str | None = None
     shard_size: int = 1000
     scale_pool: str = "model"
+    engine: str = "torch"
 
     def __post_init__(self) -> None:
         self.scales = tuple(float(s) for s in self.scales)
@@ -137,6 +144,12 @@ class ExtractionConfig:
         if self.scale_pool != "model":
             parse_scale_pool(self.scale_pool)
         check_streams(self.streams)
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.engine == "onnxruntime" and (self.amp != "off" or self.compile):
+            raise ValueError(
+                "the onnxruntime engine runs the exported float32 graph: leave out --amp/--compile"
+            )
 
     @classmethod
     def for_model(cls, model: nn.Module, **settings: Any) -> ExtractionConfig:
@@ -154,27 +167,32 @@ class ExtractionConfig:
     @classmethod
     def from_fingerprint(cls, fingerprint: dict[str, Any], **runtime: Any) -> ExtractionConfig:
         """The config whose :meth:`fingerprint` is ``fingerprint``, with run-time settings added."""
-        known = {"max_size", "scales", "amp", "scale_pool"}
+        known = {"max_size", "scales", "amp", "scale_pool", "engine"}
         unknown = set(fingerprint) - known
         if unknown:
             raise ValueError(f"extraction settings {sorted(unknown)} are unknown to this tokenret")
         given = {k: v for k, v in fingerprint.items() if k in known}
         if "scales" in given:
             given["scales"] = tuple(given["scales"])
-        return cls(**given, **runtime)
+        # a run-time engine of None: the recorded one (an engine other than the recorded one makes a config
+        # whose fingerprint differs, refused where descriptors are compared)
+        runtime = {k: v for k, v in runtime.items() if not (k == "engine" and v is None)}
+        return cls(**{**given, **runtime})
 
     def resolved_device(self) -> torch.device:
         return resolve_device(self.device)
 
     def resolved_streams(self, device: torch.device) -> int:
-        """Concurrent forward passes: 1 with ``compile``, else :func:`resolve_streams`."""
-        return 1 if self.compile else resolve_streams(self.streams, device)
+        """Concurrent forward passes: 1 with ``compile`` or the onnxruntime engine (whose own thread pool
+        takes the cores), else :func:`resolve_streams`."""
+        return 1 if self.compile or self.engine != "torch" else resolve_streams(self.streams, device)
 
     def fingerprint(self) -> dict[str, Any]:
         """The settings that change descriptors (not batch size, workers, device, shard size).
 
-        ``scale_pool`` appears only when it is not the model's own, so that fingerprints recorded before
-        it existed still match. (The model's convention is part of the model, fingerprinted with it.)
+        ``scale_pool`` appears only when it is not the model's own, and ``engine`` only when it is not
+        "torch", so that fingerprints recorded before they existed still match. (The model's convention
+        is part of the model, fingerprinted with it.)
         """
         out: dict[str, Any] = {
             "max_size": self.max_size,
@@ -183,6 +201,8 @@ class ExtractionConfig:
         }
         if self.scale_pool != "model":
             out["scale_pool"] = self.scale_pool
+        if self.engine != "torch":
+            out["engine"] = self.engine
         return out
 
 
@@ -229,7 +249,10 @@ def _extract_range(
         collate_fn=collate_one,
         pin_memory=device.type == "cuda",
     )
-    fmt = torch.channels_last if config.channels_last else torch.contiguous_format
+    # ONNX Runtime reads NCHW arrays: channels_last would only add a copy per scale
+    fmt = (
+        torch.channels_last if config.channels_last and config.engine == "torch" else torch.contiguous_format
+    )
     streams = min(config.resolved_streams(device), len(indices))
     # several streams need several batches: no batch larger than an even share of the range
     batch_size = min(config.batch_size, max(1, math.ceil(len(indices) / streams)))
@@ -255,8 +278,15 @@ _CACHE = LastCopy()
 
 def inference_network(model: nn.Module, config: ExtractionConfig) -> nn.Module:
     """What the forward passes run: ``model`` itself, or a copy with folded BatchNorms, channels_last and an
-    optionally compiled trunk. The caller's model is never modified (apart from ``.to(device)``)."""
+    optionally compiled trunk, or with the onnxruntime engine its exported network in ONNX Runtime. The
+    caller's model is never modified (apart from ``.to(device)``)."""
     device = next(model.parameters(), torch.empty(0)).device
+    if config.engine == "onnxruntime":
+        key = (weights_state(model), "onnxruntime", str(device))
+        cached = _CACHE.get(model, key)
+        if cached is None:
+            cached = _CACHE.put(model, key, onnx_network(model, model_fingerprint(model), device))
+        return cached
     # oneDNN post-op fusion: CPU float32 eager only (autocast would not reach the fused ops; inductor fuses
     # on its own), on the folded copy (never the caller's model)
     fuse = (
@@ -301,6 +331,7 @@ def extract_descriptors(
     on_error: str = "raise",
     progress: bool = True,
     desc: str = "extract",
+    bar: tqdm | None = None,
 ) -> ExtractionResult:
     """Multi-scale global descriptors of images, optionally sharded on disk and resumable.
 
@@ -313,6 +344,8 @@ def extract_descriptors(
         on_error: "raise" (after every readable image is done, raise ExtractionError listing the unreadable
             ones) or "record" (return them in ``failures``, their rows NaN).
         progress: show a progress bar (rank 0 only under torchrun).
+        bar: without ``out_dir``, a progress bar to advance batch by batch instead of a new one (a caller's,
+            over several calls: the folder index's commits).
 
     Returns:
         ExtractionResult with descriptors (n, D) float32 and the failures.
@@ -333,7 +366,7 @@ def extract_descriptors(
         return _extract_range(network, dataset, indices, config, device, dim, bar, convention)
 
     if out_dir is None:
-        return _finish(ExtractionResult(*extract_unsharded(n, extract_range, progress, desc)), on_error)
+        return _finish(ExtractionResult(*extract_unsharded(n, extract_range, progress, desc, bar)), on_error)
     store = ShardStore(Path(out_dir), n, config.shard_size)
     manifest = {
         "n": n,

@@ -1,0 +1,394 @@
+"""ONNX export of a global model's single-scale descriptor network.
+
+The graph takes a batch of images already sized and normalised in the model's input convention
+(:mod:`tokenret.models.convention`), float32 (B, 3, H, W) with dynamic batch, height and width, and gives
+
+- ``descriptors``: the L2-normalised single-scale descriptors (B, D), what ``model(images)`` gives;
+- ``features``: the same before their L2 normalisation (``model.forward_features``), what the scale
+  combination reads for models whose convention pools un-normalised outputs (SuperGlobal).
+
+The model's name and arguments, its input convention (channel order, mean, std, max size, test scales, how
+scales are resized and combined) and the output names are written as JSON into the file's
+``metadata_props`` under the key ``tokenret`` (:func:`read_onnx_metadata`, ``tokenret info model.onnx``).
+
+The TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``) is used: it records the ResNet
+trunks, GeM, the adaptive pooling and the attention of every exportable model with symbolic height and width
+(checked: :func:`export_onnx` runs the file at two other sizes and compares with PyTorch). The few
+operations whose shape arithmetic is Python code are replaced while tracing by equivalents made of tensor
+operations (SuperGlobal's rGeM padding), or refused with the reason (R-MAC's region grid).
+
+Example:
+    >>> model = tokenret.create_model("token_r101", checkpoint="R101-Token.pth")   # doctest: +SKIP
+    >>> meta = export_onnx(model, "token_r101.onnx")                                # doctest: +SKIP
+    >>> meta["input_convention"]["channel_order"]                                   # doctest: +SKIP
+    'RGB'
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tokenret.models.convention import input_convention
+from tokenret.models.pooling import RMAC
+from tokenret.models.superglobal import RegionalGeM
+from tokenret.models.token import SetTokenModel
+
+__all__ = [
+    "DEFAULT_OPSET",
+    "METADATA_KEY",
+    "ExportError",
+    "OnnxRuntimeMissingError",
+    "export_onnx",
+    "format_onnx_metadata",
+    "read_onnx_metadata",
+    "require_onnxruntime",
+]
+
+#: ONNX opset of exported files (ONNX Runtime 1.14 and later run it).
+DEFAULT_OPSET = 17
+#: The ``metadata_props`` key holding tokenret's JSON.
+METADATA_KEY = "tokenret"
+#: Version of the metadata's layout.
+METADATA_FORMAT = "tokenret-onnx/1"
+INPUT_NAME = "images"
+OUTPUT_NAMES = ("descriptors", "features")
+#: The largest difference from PyTorch's descriptors accepted by the check after export.
+CHECK_TOLERANCE = 1e-4
+_TRACE_SHAPE = (2, 3, 128, 96)
+_CHECK_SHAPES = ((1, 3, 96, 144), (3, 3, 160, 112))
+
+
+class ExportError(RuntimeError):
+    """A model cannot be written as an ONNX graph; the message says which operation and why."""
+
+
+class OnnxRuntimeMissingError(ImportError):
+    """The optional ``onnxruntime`` (or ``onnx``) package is not installed."""
+
+
+def require_onnxruntime(what: str = "onnxruntime") -> Any:
+    """Import ``onnxruntime`` (or ``onnx``), or raise an error naming the extra that installs it."""
+    try:
+        if what == "onnx":
+            import onnx
+
+            return onnx
+        import onnxruntime
+
+        return onnxruntime
+    except ImportError:
+        raise OnnxRuntimeMissingError(
+            f"the ONNX export and the onnxruntime engine need the package {what!r}: "
+            "pip install 'tokenret[onnx]' (onnx and onnxruntime)"
+        ) from None
+
+
+# ----------------------------------------------------------------------------------- export-friendly parts
+
+
+def _positions(line: Tensor) -> Tensor:
+    """0 .. n-1 as float32 for a 1-d slice ``line`` of length n: a cumulative sum, so that the graph's length
+    stays symbolic (an arange to ``x.shape[i]`` is recorded with the traced length)."""
+    return torch.ones_like(line, dtype=torch.float32).cumsum(0) - 1
+
+
+def _pad_index(position: Tensor, pad: int, reflect: Tensor) -> Tensor:
+    """Source positions of a ``pad``-padded axis with ``position`` 0 .. n-1: reflected where ``reflect``
+    (``F.pad(mode="reflect")``), else replicated."""
+    last = position[-1:]
+    before = torch.arange(-pad, 0, dtype=torch.float32, device=position.device)
+    after = last + torch.arange(1, pad + 1, dtype=torch.float32, device=position.device)
+    idx = torch.cat([before, position, after])
+    reflected = last - (last - idx.abs()).abs()
+    replicated = torch.minimum(idx.clamp(min=0), last)
+    return torch.where(reflect, reflected, replicated).long()
+
+
+class _TraceableRegionalGeM(nn.Module):
+    """:class:`RegionalGeM` with its padding as an index gather, so that the choice between reflection and
+    replication (made in Python from the map's size in the original: reflection where both sides exceed
+    the padding) is part of the graph."""
+
+    def __init__(self, original: RegionalGeM) -> None:
+        super().__init__()
+        self.p, self.size = original.p, original.size
+
+    def forward(self, x: Tensor) -> Tensor:
+        pad = (self.size - 1) // 2
+        scaled = x / (self.size**2) ** (1.0 / self.p)
+        rows, cols = _positions(x[0, 0, :, 0]), _positions(x[0, 0, 0, :])
+        reflect = torch.minimum(rows[-1:], cols[-1:]) >= pad  # min(h, w) > pad
+        padded = scaled.index_select(-2, _pad_index(rows, pad, reflect))
+        padded = padded.index_select(-1, _pad_index(cols, pad, reflect))
+        pooled = F.lp_pool2d(padded, self.p, self.size, stride=1)
+        return 0.5 * pooled + 0.5 * x
+
+
+#: Modules replaced by an export-friendly equivalent while tracing.
+_REPLACEMENTS: dict[type[nn.Module], type[nn.Module]] = {RegionalGeM: _TraceableRegionalGeM}
+#: Modules that cannot be exported with dynamic height and width, and why.
+_REFUSED: dict[type[nn.Module], str] = {
+    RMAC: "R-MAC pooling (tokenret.models.pooling.RMAC): the number, positions and sizes of its regions are "
+    "computed in Python from the feature map's height and width, so a graph with dynamic height and width "
+    "cannot hold them (traced at one size, it gives wrong descriptors at every other); extract R-MAC "
+    "descriptors with the torch engine",
+}
+
+
+def check_exportable(model: nn.Module) -> None:
+    """Raise :class:`ExportError` for a model that takes no images or holds an operation refused above."""
+    name = getattr(model, "model_name", type(model).__name__)
+    if not callable(getattr(model, "forward_features", None)) or not hasattr(model, "descriptor_dim"):
+        raise ExportError(f"{name}: not a global image model (no forward_features/descriptor_dim)")
+    if isinstance(model, SetTokenModel):
+        raise ExportError(
+            f"{name}: it aggregates sets of local descriptors, not images; only global image models export"
+        )
+    for sub_name, module in model.named_modules():
+        why = _REFUSED.get(type(module))
+        if why is not None:
+            raise ExportError(f"{name} cannot be exported: {why} (module {sub_name!r})")
+
+
+@contextlib.contextmanager
+def _export_friendly(model: nn.Module) -> Iterator[None]:
+    """Swap in :data:`_REPLACEMENTS` for the duration (the model is put back as it was)."""
+    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            replacement = _REPLACEMENTS.get(type(child))
+            if replacement is not None:
+                swapped.append((parent, child_name, child))
+                setattr(parent, child_name, replacement(child))
+    try:
+        yield
+    finally:
+        for parent, child_name, child in swapped:
+            setattr(parent, child_name, child)
+
+
+class _DescriptorGraph(nn.Module):
+    """What is exported: images -> (L2-normalised descriptors, un-normalised head output)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        features = self.model.forward_features(images)
+        return F.normalize(features, dim=-1), features
+
+
+# ------------------------------------------------------------------------------------------------ export
+
+
+def onnx_metadata(model: nn.Module, opset: int, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON written under :data:`METADATA_KEY`: what the graph computes and how to feed it."""
+    from tokenret import __version__
+
+    conv = input_convention(model)
+    power = getattr(model, "multiscale_power", None)
+    meta: dict[str, Any] = {
+        "format": METADATA_FORMAT,
+        "model": getattr(model, "model_name", type(model).__name__),
+        "model_kwargs": getattr(model, "model_kwargs", {}),
+        "descriptor_dim": int(model.descriptor_dim),
+        "input": {
+            "name": INPUT_NAME,
+            "shape": ["batch", 3, "height", "width"],
+            "dtype": "float32",
+            "pixels": "RGB values / 255, channels reordered to channel_order, minus mean, divided by std "
+            "(mean and std in channel_order)",
+        },
+        "input_convention": conv.describe(),
+        "multiscale_power": None if power is None else float(power),
+        "outputs": {
+            "descriptors": "L2-normalised single-scale descriptors (batch, descriptor_dim)",
+            "features": "the same before L2 normalisation (what scale_pool combines when "
+            "pool_unnormalised is true)",
+        },
+        "opset": int(opset),
+        "exporter": f"torch.onnx.export (TorchScript-based), torch {torch.__version__}",
+        "tokenret_version": __version__,
+    }
+    meta.update(extra or {})
+    return json.loads(json.dumps(meta, default=str))  # plain JSON values (tuples as lists)
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    opset: int = DEFAULT_OPSET,
+    check: bool = True,
+    metadata: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write the single-scale descriptor network of ``model`` to ``path`` as ONNX.
+
+    Args:
+        model: a global image model (any registry model but R-MAC and the ``token_set_*`` aggregators).
+        path: the ``.onnx`` file (written whole, then renamed into place).
+        opset: ONNX opset version.
+        check: run the file with ONNX Runtime at two sizes other than the traced one and compare with
+            PyTorch (max abs difference <= 1e-4); skipped when onnxruntime is not installed.
+        metadata: more keys for the JSON (e.g. the checkpoint it came from).
+
+    Returns:
+        The metadata written.
+
+    Raises:
+        ExportError: the model cannot be exported (which operation, and why), or the exported graph does
+            not reproduce the model.
+        OnnxRuntimeMissingError: ``onnx`` is not installed.
+
+    Example:
+        >>> model = create_model("gem_r50", backbone="resnet18")            # doctest: +SKIP
+        >>> export_onnx(model, "gem.onnx")["descriptor_dim"]                 # doctest: +SKIP
+        512
+    """
+    onnx = require_onnxruntime("onnx")
+    check_exportable(model)
+    name = getattr(model, "model_name", type(model).__name__)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    was_training = model.training
+    device = next(model.parameters(), torch.empty(0)).device
+    model.eval()
+    try:
+        sample = torch.randn(*_TRACE_SHAPE, device=device)
+        with _export_friendly(model), warnings.catch_warnings(record=True) as caught, torch.no_grad():
+            warnings.simplefilter("always", torch.jit.TracerWarning)
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            warnings.filterwarnings("ignore", message=".*Constant folding.*")
+            try:
+                torch.onnx.export(
+                    _DescriptorGraph(model).eval(),  # a new module is in training mode
+                    (sample,),
+                    str(tmp),
+                    input_names=[INPUT_NAME],
+                    output_names=list(OUTPUT_NAMES),
+                    dynamic_axes={
+                        INPUT_NAME: {0: "batch", 2: "height", 3: "width"},
+                        **{o: {0: "batch"} for o in OUTPUT_NAMES},
+                    },
+                    opset_version=opset,
+                    dynamo=False,
+                )
+            except Exception as e:
+                raise ExportError(
+                    f"{name}: torch.onnx.export failed at opset {opset}: {_first_line(e)}"
+                ) from e
+        traced = [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
+        if traced:
+            w = traced[0]
+            raise ExportError(
+                f"{name}: {Path(w.filename).name}:{w.lineno} turns a tensor into a Python value while "
+                f"tracing ({_first_line(w.message)}), so the graph would hold a constant of the traced size"
+            )
+        proto = onnx.load(str(tmp))
+        meta = onnx_metadata(model, opset, metadata)
+        del proto.metadata_props[:]
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = METADATA_KEY, json.dumps(meta, sort_keys=True)
+        onnx.save(proto, str(tmp))
+        if check:
+            _check_parity(model, tmp, name)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        model.train(was_training)
+    return meta
+
+
+def _check_parity(model: nn.Module, path: Path, name: str) -> None:
+    try:
+        ort = require_onnxruntime()
+    except OnnxRuntimeMissingError:
+        return
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    device = next(model.parameters(), torch.empty(0)).device
+    generator = torch.Generator().manual_seed(0)
+    for shape in _CHECK_SHAPES:
+        x = torch.randn(*shape, generator=generator)
+        with torch.no_grad():
+            expected = model(x.to(device)).float().cpu().numpy()
+        try:
+            got = session.run([OUTPUT_NAMES[0]], {INPUT_NAME: x.numpy()})[0]
+            diff = float(np.abs(got - expected).max())
+        except Exception as e:  # onnxruntime's errors have no public class; a shape error is the usual one
+            diff, why = float("nan"), _first_line(e)
+        else:
+            why = f"max abs difference {diff:.3g} > {CHECK_TOLERANCE}"
+        if not diff <= CHECK_TOLERANCE:
+            raise ExportError(
+                f"{name}: the exported graph does not reproduce the model at {shape[2]}x{shape[3]} pixels "
+                f"({why}): an operation's shape arithmetic was fixed at the traced size"
+            )
+
+
+def _first_line(e: object) -> str:
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
+    """tokenret's metadata of an exported file (through onnxruntime, else onnx).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file holds no tokenret metadata (not exported by ``tokenret export``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such ONNX file: {path}")
+    try:
+        ort = require_onnxruntime()
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        props = dict(session.get_modelmeta().custom_metadata_map)
+    except OnnxRuntimeMissingError:
+        onnx = require_onnxruntime("onnx")
+        props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    except Exception as e:  # onnxruntime's own errors are not exceptions of a public class
+        raise ValueError(f"{path}: not a readable ONNX file ({_first_line(e)})") from None
+    if METADATA_KEY not in props:
+        raise ValueError(f"{path}: no tokenret metadata (not written by `tokenret export`)")
+    return json.loads(props[METADATA_KEY])
+
+
+def format_onnx_metadata(path: str | Path, meta: Mapping[str, Any]) -> str:
+    """The metadata for a person (``tokenret info model.onnx``)."""
+    conv = meta.get("input_convention", {})
+    size = Path(path).stat().st_size if Path(path).is_file() else 0
+    scales = ", ".join(f"{s:.4g}" for s in conv.get("scales", []))
+    lines = [
+        f"file:        {path}",
+        f"size:        {size / 2**20:.1f} MiB, ONNX opset {meta.get('opset')}, {meta.get('exporter', '?')}",
+        f"model:       {meta.get('model')} {meta.get('model_kwargs', {})}",
+        f"descriptor:  {meta.get('descriptor_dim')}-d, outputs {', '.join(meta.get('outputs', {}))}",
+        f"input:       {INPUT_NAME} (batch, 3, height, width) float32, {conv.get('channel_order')}, "
+        f"mean {tuple(conv.get('mean', ()))}, std {tuple(conv.get('std', ()))}",
+        f"images:      longest side {conv.get('max_size') or 'as the file'}, scales {scales} "
+        f"(resized by {conv.get('scale_resize')}), combined by {conv.get('scale_pool')}"
+        + (" of the un-normalised outputs" if conv.get("pool_unnormalised") else ""),
+    ]
+    if meta.get("multiscale_power") is not None:
+        lines.append(f"gem power:   {meta['multiscale_power']:.4g} (scale_pool gem)")
+    for key in ("checkpoint", "checkpoint_sha256", "model_sha256"):
+        if meta.get(key):
+            lines.append(f"{key + ':':<12} {meta[key]}")
+    return "\n".join(lines)
