@@ -119,6 +119,10 @@ class SearchService:
         self.max_upload_bytes = int(max_upload_bytes)
         self.max_pixels = int(max_pixels)
         self.config = self.binding.extraction_config(num_workers=0, device=device, batch_size=max_batch)
+        # one forward pass per micro-batch (per group of equal-size images), on all of torch's threads: the
+        # engine's CPU streams would start their threads anew for every micro-batch and split a small one
+        # unevenly (measured: bench/README.md, "serve")
+        self.config.streams = 1
         self.db_lock = threading.Lock()  # the index's SQLite connection is shared by threads
         index.vectors_in_memory = True  # a long-running server: single queries scan an in-memory copy
         # load the FAISS index now, not on the first query (a server never rebuilds it: while it is stale,
