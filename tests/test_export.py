@@ -18,8 +18,10 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx", reason="optional dependency onnx (pip install -e .[onnx]; .ci/run installs it)")
+ort = pytest.importorskip(
+    "onnxruntime", reason="optional dependency onnxruntime (pip install -e .[onnx]; .ci/run installs it)"
+)
 
 from tokenret.cli import main  # noqa: E402
 from tokenret.data.images import load_image, to_tensor  # noqa: E402

@@ -282,7 +282,7 @@ def test_index_search_with_rerank_equals_the_rerank_of_the_exact_top_m(tmp_path)
 
 
 def test_index_search_with_rerank_through_a_faiss_backend(tmp_path):
-    pytest.importorskip("faiss")
+    pytest.importorskip("faiss", reason="optional dependency faiss-cpu (installed by .ci/run)")
     rng = np.random.default_rng(8)
     x = unit_rows(rng, 120, 16).astype(np.float32)
     queries = unit_rows(rng, 3, 16).astype(np.float32)

@@ -353,7 +353,11 @@ class SearchService:
             return self.index.vector_index().reconstruct(np.array([image_id]))[0].astype(np.float32)
 
     def indexed_bytes(self, image_id: Any) -> bytes:
-        """The bytes of an indexed image's file, if it is still the file that was indexed.
+        """The bytes of an indexed image's file (see :meth:`image_file` for what is refused)."""
+        return self.image_file(image_id)[0]
+
+    def image_file(self, image_id: Any) -> tuple[bytes, str]:
+        """(bytes, name) of an indexed image's file, if it is still the file that was indexed.
 
         Served only when the file is still a regular file inside the indexed folder holding it (its real
         path: a symlink pointing out of the folder is refused), with the size and modification time
@@ -391,14 +395,7 @@ class SearchService:
             os.close(fd)
         if len(data) != size:
             raise gone
-        return data
-
-    def image_file(self, image_id: Any) -> tuple[bytes, str]:
-        """(bytes, name) of an indexed image (see :meth:`indexed_bytes` for what is refused)."""
-        data = self.indexed_bytes(image_id)
-        with self.db_lock:
-            path = self.index.image_path(int(image_id))
-        return data, self.name_of(path or "")
+        return data, self.name_of(path)
 
     def thumbnail(self, image_id: Any, side: Any) -> bytes:
         """JPEG of an indexed image, at most ``side`` pixels a side (EXIF orientation applied).
