@@ -258,6 +258,32 @@ def test_serve_refuses_other_weights_before_it_listens(tiny_index, capsys, monke
     assert err.count("\n") == 1 and "holds other weights" in err and "token_r50" in err
 
 
+def test_serve_uses_the_model_it_checked(tiny_index, monkeypatch):
+    """--checkpoint is checked against the index by building the model once; the server is handed that
+    model instead of building it again (start-up work done once)."""
+    from tokenret.collection import ImageIndex
+    from tokenret.serve import service
+
+    got = {}
+
+    def fake_serve(index, **kwargs):  # what the server would open, without listening
+        got["service"] = service.SearchService.open(index, kwargs["checkpoint"], model=kwargs["model"])
+        got["service"].close()
+
+    monkeypatch.setattr("tokenret.serve.serve", fake_serve)
+    real_load = ImageIndex.load_model
+    loads = []
+
+    def counting_load(self, *a, **k):
+        loads.append(a)
+        return real_load(self, *a, **k)
+
+    monkeypatch.setattr(ImageIndex, "load_model", counting_load)
+    assert main(["serve", str(tiny_index["index"]), "--checkpoint", str(tiny_index["checkpoint"])]) == 0
+    assert len(loads) == 1 and got["service"].model is not None
+    assert got["service"].model.model_name == "token_r50"
+
+
 # -------------------------------------------------------------------------------------------------- info
 
 

@@ -465,11 +465,12 @@ def _cmd_duplicates(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from tokenret.serve import Limits, serve
 
+    model = None
     if args.checkpoint or args.engine:  # refused before the server starts, in the command line's words
         from tokenret.collection import ImageIndex
 
         with ImageIndex(args.index) as index:
-            index_model_from_args(args, index)
+            model = index_model_from_args(args, index)  # checked: the server uses it (not built twice)
     try:
         serve(
             args.index,
@@ -483,6 +484,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             max_pixels=args.max_pixels,
             max_batch=args.max_batch,
             max_queue=args.max_queue,
+            model=model,
         )
     except OSError as e:
         if isinstance(e, FileNotFoundError):

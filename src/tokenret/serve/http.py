@@ -130,6 +130,7 @@ def serve(
     device: str | None = None,
     api_key: str | None = None,
     limits: Limits | None = None,
+    model: Any = None,
     **options: Any,
 ) -> None:
     """Serve an index until interrupted (Ctrl-C): ``tokenret serve``.
@@ -142,6 +143,7 @@ def serve(
         device: where queries are described (default: cuda if available).
         api_key: required on every request (default: ``$TOKENRET_API_KEY``; empty: none).
         limits: request timeouts and the connection cap.
+        model: the index's model already built and checked (default: loaded from the index).
         options: :class:`SearchService` options (``max_upload_bytes``, ``max_pixels``, ``max_batch``,
             ``batch_window``, ``max_queue``).
 
@@ -157,7 +159,7 @@ def serve(
             file=sys.stderr,
             flush=True,
         )
-    service = SearchService.open(index, checkpoint, device, **options)
+    service = SearchService.open(index, checkpoint, device, model=model, **options)
     try:
         server = SearchServer(service, host, port, api_key=api_key, limits=limits)
         s = service.index.settings

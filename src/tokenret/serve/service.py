@@ -138,12 +138,16 @@ class SearchService:
         index_path: str | Path,
         checkpoint: str | Path | None = None,
         device: str | None = None,
+        model: Any = None,
         **options: Any,
     ) -> SearchService:
-        """Open an index and load its model (from ``checkpoint`` when the recorded file moved)."""
+        """Open an index and load its model (from ``checkpoint`` when the recorded file moved), or use
+        ``model``, one already built and checked to be the index's (the command line checks it first)."""
         index = ImageIndex(index_path)
         try:
-            return cls(index, index.load_model(checkpoint), device=device, **options)
+            return cls(
+                index, model if model is not None else index.load_model(checkpoint), device=device, **options
+            )
         except BaseException:
             index.close()
             raise
