@@ -296,16 +296,16 @@ def _nearest_in_gram(gram: torch.Tensor, k1: int) -> tuple[torch.Tensor, torch.T
     vals, idx = torch.topk(gram, min(k1 + 1, n), dim=-1)  # one more: it shows a tie across the k1-th place
     # topk orders equal values arbitrarily; that matters where a tie crosses the k1-th place or the first
     # place (the first entry weighs 1, the others by their similarity): redo those rows with a stable sort.
-    ambiguous = torch.zeros(vals.shape[:-1], dtype=torch.bool)
-    if k1 < n:
-        ambiguous |= vals[..., k1] == vals[..., k1 - 1]
+    ambiguous = vals[..., k1] == vals[..., k1 - 1] if k1 < n else None
     if k1 > 1:
-        ambiguous |= vals[..., 0] == vals[..., 1]
-    vals, idx = vals[..., :k1].contiguous(), idx[..., :k1].contiguous()
-    if bool(ambiguous.any()):
-        order = torch.sort(-gram[ambiguous], dim=-1, stable=True)
+        first = vals[..., 0] == vals[..., 1]
+        ambiguous = first if ambiguous is None else ambiguous | first
+    vals, idx = vals[..., :k1], idx[..., :k1]
+    if ambiguous is not None and bool(ambiguous.any()):
+        vals, idx = vals.clone(), idx.clone()
+        order = torch.sort(gram[ambiguous], dim=-1, descending=True, stable=True)
         idx[ambiguous] = order.indices[:, :k1]
-        vals[ambiguous] = -order.values[:, :k1]
+        vals[ambiguous] = order.values[:, :k1]
     return idx, vals
 
 
@@ -317,7 +317,8 @@ def _superglobal_chunk(
     Returns the candidate positions in the new order (c, M) and their final scores (c, M), descending.
 
     x~ = sum_j w_j x_j / sum_j w_j is linear, so q.x~ and q~.x~ are computed as the same weighted means of
-    q.x_j and q~.x_j: only the Gram matrix costs M^2 d; the x~ themselves are formed for the K+1 that make q~.
+    q.x_j and q~.x_j: only the Gram matrix costs M^2 d (the rest is about 1% of the work); the x~ themselves
+    are formed for the K+1 that make q~, as one product of their weight rows with the candidates.
     """
     c, n, d = x.shape
     k1 = min(k + 1, n)
@@ -328,21 +329,20 @@ def _superglobal_chunk(
     flat_nb = nb.reshape(c, n * k1)
 
     def augmented_dot(v: torch.Tensor) -> torch.Tensor:  # v . x~_i for every candidate i, v (c, d)
-        dots = torch.bmm(x, v.unsqueeze(2)).squeeze(2)
+        dots = torch.bmm(x, v.unsqueeze(2)).view(c, n)
         return (w * dots.gather(1, flat_nb).view(c, n, k1)).sum(-1) / den
 
     s1 = augmented_dot(q)
-    order1 = torch.sort(-s1, dim=1, stable=True).indices  # ties: earlier in the first ranking
+    order1 = torch.sort(s1, dim=1, descending=True, stable=True).indices  # ties: earlier in the first ranking
     s1_sorted = s1.gather(1, order1)
     best = order1[:, :k1]  # RerankwMDA: the K+1 best by s1 ...
-    best_nb = nb.gather(1, best.unsqueeze(2).expand(c, k1, k1))
-    best_w = w.gather(1, best.unsqueeze(2).expand(c, k1, k1))
-    nb_vecs = x[torch.arange(c).unsqueeze(1), best_nb.reshape(c, k1 * k1)].view(c, k1, k1, d)
-    best_aug = (best_w.unsqueeze(-1) * nb_vecs).sum(2) / den.gather(1, best).unsqueeze(-1)
-    q_max = best_aug.max(dim=1).values  # ... max-pooled into q~
+    rows = best.unsqueeze(2).expand(c, k1, k1)
+    weights = torch.zeros(c, k1, n, dtype=x.dtype)  # their x~ as weight rows over the M candidates
+    weights.scatter_(2, nb.gather(1, rows), w.gather(1, rows) / den.gather(1, best).unsqueeze(2))
+    q_max = torch.bmm(weights, x).amax(dim=1)  # ... max-pooled into q~
     s2_sorted = augmented_dot(q_max).gather(1, order1)
     final = (s1_sorted + s2_sorted) / 2
-    order2 = torch.sort(-final, dim=1, stable=True).indices  # ties: earlier by s1
+    order2 = torch.sort(final, dim=1, descending=True, stable=True).indices  # ties: earlier by s1
     return order1.gather(1, order2), final.gather(1, order2)
 
 
