@@ -366,7 +366,9 @@ def test_a_truncated_vector_file_is_refused_on_open_and_repaired(six_photo_index
     assert main(["index", str(path), "--repair", "--workers", "0", "--quiet"]) == 0
     assert ">> repaired 3, unreadable 0; 6 images searchable" in capsys.readouterr().out
     with ImageIndex(path) as index:
-        assert index.verify().ok and (path / "vectors.f16").stat().st_size == 6 * 2 * 16
+        assert index.catalogue.vector_name() == "vectors.1.f16"  # repair compacted into a new file
+        assert index.verify().ok and (path / "vectors.1.f16").stat().st_size == 6 * 2 * 16
+        assert not (path / "vectors.f16").exists()
         after = stored_vectors(index)
         assert sorted(after) == sorted(before)
         for p in before:  # described again exactly as before
@@ -390,6 +392,110 @@ def test_changed_bytes_are_found_by_the_chunk_checksums_and_repaired(six_photo_i
         after = stored_vectors(index)
         for p in before:
             np.testing.assert_array_equal(after[p], before[p])
+
+
+def _drop_two(path: Path, before: dict) -> list[str]:
+    """Remove two images from the index (dead rows for compaction to drop); returns their paths."""
+    gone = sorted(before)[1:3]
+    with ImageIndex(path) as index:
+        index.catalogue.remove_paths(gone)
+    return gone
+
+
+class PowerCut(Exception):
+    pass
+
+
+def test_compaction_interrupted_before_its_commit_leaves_the_old_index_whole(six_photo_index, monkeypatch):
+    path, model, before = six_photo_index
+    gone = _drop_two(path, before)
+    import sqlite3
+
+    real_connect = sqlite3.connect
+
+    def cut_at_commit(*a, **k):  # the process dies when the new rows would commit
+        class Db:
+            def __init__(self):
+                self.db = real_connect(*a, **k)
+
+            def __getattr__(self, name):
+                return getattr(self.db, name)
+
+            def __enter__(self):
+                return self.db.__enter__()
+
+            def __exit__(self, *exc):
+                self.db.rollback()
+                raise PowerCut
+
+        return Db()
+
+    monkeypatch.setattr(sqlite3, "connect", cut_at_commit)
+    with ImageIndex(path) as index:
+        with pytest.raises(PowerCut):
+            index.compact()
+    monkeypatch.undo()
+    assert (path / "vectors.1.f16").exists()  # written, never named by a committed record
+    with ImageIndex(path) as index:
+        assert index.catalogue.vector_name() == "vectors.f16" and index.verify().ok
+        after = stored_vectors(index)
+        assert sorted(after) == sorted(set(before) - set(gone))
+        for p in after:
+            np.testing.assert_array_equal(after[p], before[p])
+        index.compact()  # the next write removes the stray and compacts for real
+        assert index.catalogue.vector_name() == "vectors.1.f16" and index.verify().ok
+        assert sorted(f.name for f in path.glob("vectors*")) == ["vectors.1.f16"]
+        assert (path / "vectors.1.f16").stat().st_size == 4 * 2 * 16
+        for p, v in stored_vectors(index).items():
+            np.testing.assert_array_equal(v, before[p])
+
+
+def test_compaction_interrupted_after_its_commit_leaves_the_new_index_whole(six_photo_index, monkeypatch):
+    path, model, before = six_photo_index
+    gone = _drop_two(path, before)
+    from tokenret.collection import catalogue
+
+    real_remove = catalogue.Catalogue.remove_stray_vector_files
+
+    def cut_once_committed(self):  # the process dies after the commit, before the old file is removed
+        if self.read_settings().get("vector_file") == "vectors.1.f16":
+            raise PowerCut
+        return real_remove(self)
+
+    monkeypatch.setattr(catalogue.Catalogue, "remove_stray_vector_files", cut_once_committed)
+    with ImageIndex(path) as index:
+        with pytest.raises(PowerCut):
+            index.compact()
+    monkeypatch.undo()
+    assert (path / "vectors.f16").exists() and (path / "vectors.1.f16").exists()
+    expected = sorted(set(before) - set(gone))
+    with ImageIndex(path) as index:  # reads the new file, the old one is ignored
+        assert index.catalogue.vector_name() == "vectors.1.f16" and index.verify().ok
+        assert (path / "vectors.1.f16").stat().st_size == 4 * 2 * 16
+        after = stored_vectors(index)
+        assert sorted(after) == expected
+        for p in after:
+            np.testing.assert_array_equal(after[p], before[p])
+        hits = index.search_images([Path(expected[0])], model, k=4, num_workers=0)[0]
+        assert hits[0].path == expected[0] and hits[0].score == pytest.approx(1.0, abs=2e-3)
+        index.compact()  # the next write removes the stray (and compacts again: nothing to drop)
+    assert sorted(f.name for f in path.glob("vectors*")) == ["vectors.2.f16"]
+
+
+def test_a_reader_open_during_a_compaction_reads_the_new_rows_from_the_new_file(six_photo_index):
+    path, model, before = six_photo_index
+    gone = _drop_two(path, before)
+    with ImageIndex(path) as reader, ImageIndex(path) as writer:
+        first = stored_vectors(reader)  # the reader maps the old file
+        writer.compact()
+        assert not (path / "vectors.f16").exists()
+        second = stored_vectors(reader)  # and then reads the new rows from the new file
+        assert sorted(first) == sorted(second) == sorted(set(before) - set(gone))
+        for p in second:
+            np.testing.assert_array_equal(second[p], before[p])
+        query = sorted(second)[0]
+        hits = reader.search_images([Path(query)], model, k=4, num_workers=0)[0]
+        assert [h.path for h in hits][0] == query and len(hits) == 4
 
 
 def test_a_query_box_outside_the_image_is_refused_by_the_cli_and_the_api(six_photo_index, capsys):

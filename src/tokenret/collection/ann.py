@@ -238,8 +238,7 @@ class AnnCache:
     def build(self, want: dict[str, Any]) -> Any:
         """Build the FAISS index (or fill the Qdrant collection) over the stored vectors, save it under
         ``ann/`` and return it."""
-        vecs = self.catalogue.vector_file()
-        ids, rows, updated = self.catalogue.covered()
+        vecs, ids, rows, updated = self.catalogue.snapshot()
         spec = want["spec"]
         if qdrant_target(spec) is not None:
             ann = self.qdrant_index(spec)
@@ -291,7 +290,7 @@ class AnnCache:
             if hasattr(ann, "close"):
                 ann.close()
             return None
-        ids, rows, updated = self.catalogue.covered()
+        vecs, ids, rows, updated = self.catalogue.snapshot()
         common, i_old, i_new = np.intersect1d(old_ids, ids, assume_unique=True, return_indices=True)
         same = common[old_updated[i_old] == updated[i_new]]
         gone = old_ids[~np.isin(old_ids, same)]
@@ -303,7 +302,6 @@ class AnnCache:
             *(want["spec"], self.path, len(gone), int(new.sum())),
         )
         ann.remove(gone)
-        vecs = self.catalogue.vector_file()
         add_rows(ann, vecs, ids[new], rows[new])
         built = {"built": state.get("built"), "updated": time.time()}
         self.save(ann, {**want, "rows": int(len(vecs)), **built}, (ids, updated))

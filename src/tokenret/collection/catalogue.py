@@ -4,17 +4,22 @@ Two files of the index directory::
 
     meta.sqlite     settings (model, checkpoint, extraction settings, dim, backend) and one row per image:
                     path, size, mtime, status ('ok' / 'failed'), error, row in the vector file, updated
-    vectors.f16     float16 descriptors, one row of dim values per stored image (append-only)
+    vectors.f16     float16 descriptors, one row of dim values per stored image (append-only); after
+                    compactions ``vectors.N.f16``, the N-th rewrite: the catalogue names the current one
 
 A chunk's vectors are appended and flushed before the transaction that records them commits, so an
 interruption loses at most the chunk in progress; rows of removed or re-described images stay in the file
-as dead rows until :meth:`Catalogue.compact`.
+as dead rows until :meth:`Catalogue.compact`. Compaction writes a new file beside the old one and switches
+the rows and the file name in one transaction, so an interruption at any point leaves the old or the new
+state whole (a file that no committed record names is removed by the next write); readers take the rows and
+the file name from one snapshot.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import sqlite3
 import time
@@ -31,6 +36,10 @@ from tokenret.index.exact import ExactIndex
 FORMAT = "tokenret-image-index-v1"
 SETTINGS_FILE = "meta.sqlite"
 VECTOR_FILE = "vectors.f16"
+#: Tries at reading the rows and opening their file, when a compaction removes the file in between.
+SNAPSHOT_TRIES = 5
+log = logging.getLogger(__name__)
+
 #: Rows copied at a time when the vector file is rewritten.
 COPY_CHUNK = 65536
 
@@ -48,6 +57,17 @@ CHUNKS_TABLE = (
 )
 
 
+def _sync_directory(path: Path) -> None:
+    """Flush a directory's entries to disk (a new file's name survives a power cut); not on Windows."""
+    if os.name == "nt":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class IndexDamagedError(RuntimeError):
     """The catalogue and the vector file of an index disagree (a truncated or altered ``vectors.f16``)."""
 
@@ -63,6 +83,7 @@ class StoreCheck:
     missing: list[str] = field(default_factory=list)
     damaged: list[str] = field(default_factory=list)
     chunks_checked: int = 0
+    vector_file: str = VECTOR_FILE
 
     @property
     def ok(self) -> bool:
@@ -77,7 +98,7 @@ class StoreCheck:
         parts = []
         if self.missing:
             parts.append(
-                f"{len(self.missing)} image(s) point past the end of {VECTOR_FILE} ({self.rows_in_file} "
+                f"{len(self.missing)} image(s) point past the end of {self.vector_file} ({self.rows_in_file} "
                 f"rows, {self.rows_expected} expected: the file was truncated or replaced)"
             )
         if self.damaged:
@@ -216,30 +237,75 @@ class Catalogue:
         """path -> (size, mtime_ns) of every recorded file, as it was when stored."""
         return {p: (s, m) for p, s, m in self.db.execute("SELECT path, size, mtime_ns FROM images")}
 
-    def vector_file(self, mode: str = "r") -> np.memmap | None:
-        f = self.path / VECTOR_FILE
+    def vector_name(self) -> str:
+        """File name of the current vector file (``vectors.f16``, or ``vectors.N.f16`` after compactions),
+        as of the last settings read."""
+        return str(self.settings.get("vector_file", VECTOR_FILE))
+
+    def vector_path(self) -> Path:
+        return self.path / self.vector_name()
+
+    def vector_file(self, mode: str = "r", name: str | None = None) -> np.memmap | None:
+        """The vector file ``name`` (default: the current one) memory-mapped; None while it is empty."""
+        f = self.path / (name or self.vector_name())
         rows = f.stat().st_size // (2 * self.dim)
         if rows == 0:
             return None
         return np.memmap(f, dtype=np.float16, mode=mode, shape=(rows, self.dim))
 
+    def _snapshot(self) -> tuple[str, list[tuple]]:
+        """The vector file's name and (id, row, updated) of the searchable images in row order, read in one
+        SQLite transaction: a compaction between the two reads cannot pair old rows with a new file."""
+        own = not self.db.in_transaction
+        if own:
+            self.db.execute("BEGIN")
+        try:
+            got = self.db.execute("SELECT value FROM settings WHERE key = 'vector_file'").fetchone()
+            name = json.loads(got[0]) if got else VECTOR_FILE
+            rows = list(
+                self.db.execute("SELECT id, row, updated FROM images WHERE status = 'ok' ORDER BY row")
+            )
+        finally:
+            if own:
+                self.db.execute("COMMIT")
+        self.settings["vector_file"] = name
+        return name, rows
+
     def covered(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(ids, rows, updated) of the searchable images, in row order, read at one moment (one query)."""
-        got = list(self.db.execute("SELECT id, row, updated FROM images WHERE status = 'ok' ORDER BY row"))
+        got = self._snapshot()[1]
         ids = np.array([g[0] for g in got], dtype=np.int64)
         rows = np.array([g[1] for g in got], dtype=np.int64)
         return ids, rows, np.array([g[2] for g in got], dtype=np.float64)
 
+    def snapshot(self) -> tuple[np.memmap | None, np.ndarray, np.ndarray, np.ndarray]:
+        """(memory-mapped vector file, ids, rows, updated) of the searchable images, in row order, the rows
+        and the file they point into read at one moment."""
+        for attempt in range(SNAPSHOT_TRIES):
+            name, got = self._snapshot()
+            try:
+                vecs = self.vector_file(name=name)
+                break
+            except FileNotFoundError:  # a compaction replaced that file after the read: read again
+                if attempt == SNAPSHOT_TRIES - 1:
+                    raise
+        ids = np.array([g[0] for g in got], dtype=np.int64)
+        rows = np.array([g[1] for g in got], dtype=np.int64)
+        return vecs, ids, rows, np.array([g[2] for g in got], dtype=np.float64)
+
     def vectors(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(memory-mapped vector file, ids of stored images, their rows in the file)."""
-        ids, rows, _ = self.covered()
-        return self.vector_file(), ids, rows
+        return self.snapshot()[:3]
 
     def exact_index(self, in_memory: bool = False) -> ExactIndex:
         """An exact search index over the stored vectors, read in place from the memory-mapped file (or,
         ``in_memory``, from a copy: single queries then use FAISS's fused float16 scan)."""
         fingerprint, _ = self.content_state()
-        st = (self.path / VECTOR_FILE).stat()
+        try:
+            st = self.vector_path().stat()
+        except FileNotFoundError:  # compacted since the settings were read
+            self.settings = self.read_settings()
+            st = self.vector_path().stat()
         key = (fingerprint, st.st_ino, st.st_size, st.st_mtime_ns, in_memory)
         if self._exact is not None and self._exact[0] == key:
             return self._exact[1]
@@ -263,7 +329,8 @@ class Catalogue:
         ``full``: also each recorded chunk's sha256 against the file's bytes, and every stored vector finite
         (reads the whole file).
         """
-        rows_in_file = (self.path / VECTOR_FILE).stat().st_size // (2 * self.dim)
+        name = self.vector_name()
+        rows_in_file = (self.path / name).stat().st_size // (2 * self.dim)
         rows_expected = self.next_row()
         missing = [
             p
@@ -271,14 +338,14 @@ class Catalogue:
                 "SELECT path FROM images WHERE status = 'ok' AND row >= ? ORDER BY path", (rows_in_file,)
             )
         ]
-        report = StoreCheck(rows_in_file, rows_expected, missing)
+        report = StoreCheck(rows_in_file, rows_expected, missing, vector_file=name)
         if not full or rows_in_file == 0:
             return report
         bad_rows: set[int] = set()
         has_chunks = self.db.execute(
             "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'chunks'"
         ).fetchone()[0]
-        vecs = self.vector_file()
+        vecs = self.vector_file(name=name)
         if has_chunks:
             for first, n, sha in self.db.execute(
                 "SELECT first_row, n, sha256 FROM chunks ORDER BY first_row"
@@ -342,7 +409,7 @@ class Catalogue:
             if i not in failures and not np.isfinite(descriptors[i]).all():
                 failures[i] = ("", NOT_FINITE)
         ok = [i for i in range(readable) if i not in failures]
-        vf = self.path / VECTOR_FILE
+        vf = self.vector_path()
         # rows past the last one a committed record may use are orphans (a write that failed before its
         # records committed) or a torn tail: overwritten here
         first_row = self.next_row()
@@ -400,18 +467,28 @@ class Catalogue:
         return 0 if top is None else int(top) + 1
 
     def compact(self) -> None:
-        """Rewrite the vector file without the rows of removed or re-described images."""
-        vecs, ids, rows = self.vectors()
-        tmp = self.path / (VECTOR_FILE + ".tmp")
+        """Rewrite the vector file without the rows of removed or re-described images (writers only).
+
+        The rows go to a new file, ``vectors.N.f16``, flushed to disk; then one transaction renumbers the
+        images, records the new file's chunks and names it the current file; then the old file is removed.
+        Interrupted before the commit, the index is as it was (the new file is a stray, removed by the next
+        write); after it, the index is the compacted one (the old file is the stray).
+        """
+        self.remove_stray_vector_files()
+        vecs, ids, rows, _ = self.snapshot()
+        old = self.vector_name()
+        number = int(old.split(".")[1]) + 1 if old.count(".") == 2 else 1
+        name = f"vectors.{number}.f16"
         chunks = []
-        with open(tmp, "wb") as f:
+        with open(self.path / name, "wb") as f:
             for start in range(0, len(rows), COPY_CHUNK):
                 data = np.asarray(vecs[rows[start : start + COPY_CHUNK]], dtype=np.float16).tobytes()
                 f.write(data)
                 chunks.append((start, min(COPY_CHUNK, len(rows) - start), hashlib.sha256(data).hexdigest()))
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, self.path / VECTOR_FILE)
+        _sync_directory(self.path)
+        del vecs
         with self.db:
             self.db.execute(CHUNKS_TABLE)
             self.db.execute("DELETE FROM chunks")
@@ -421,5 +498,21 @@ class Catalogue:
                 [(int(r), int(i)) for r, i in zip(range(len(ids)), ids, strict=True)],
             )
             self.db.execute("INSERT OR REPLACE INTO settings VALUES ('next_row', ?)", (json.dumps(len(ids)),))
-        self.settings["next_row"] = len(ids)
+            self.db.execute("INSERT OR REPLACE INTO settings VALUES ('vector_file', ?)", (json.dumps(name),))
+        self.settings.update(next_row=len(ids), vector_file=name)
         self.changed()
+        self.remove_stray_vector_files()
+
+    def remove_stray_vector_files(self) -> list[str]:
+        """Remove vector files no committed record names (left by an interrupted compaction; writers only).
+        A file still open elsewhere (Windows) stays until a later write. Returns the names removed."""
+        keep = self.read_settings().get("vector_file", VECTOR_FILE)
+        removed = []
+        for f in sorted(self.path.glob("vectors*.f16*")):
+            if f.name != keep and f.is_file():
+                try:
+                    f.unlink()
+                    removed.append(f.name)
+                except OSError as err:
+                    log.warning("cannot remove the unused vector file %s yet: %s", f, err)
+        return removed

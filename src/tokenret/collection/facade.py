@@ -3,7 +3,8 @@
 Layout of an index directory::
 
     meta.sqlite     settings and one row per image (:mod:`~tokenret.collection.catalogue`)
-    vectors.f16     float16 descriptors, one row per stored image (append-only)
+    vectors.f16     float16 descriptors, one row per stored image (append-only; ``vectors.N.f16`` after
+                    N compactions, the catalogue names the current file)
     model.pth       the model's weights, only when they came from no file (e.g. random or torchvision)
     ann/            the approximate (FAISS) index, when the backend is one (:mod:`~tokenret.collection.ann`)
 
@@ -114,6 +115,7 @@ class ImageIndex:
             if first:
                 self.catalogue.changed()
                 self.catalogue.settings = self.catalogue.read_settings()
+                self.catalogue.remove_stray_vector_files()  # left by an interrupted compaction
             yield
 
     @property
