@@ -49,7 +49,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse  # noqa: E402
 import json
 import logging
-import platform
 import resource
 import sys
 import tempfile
@@ -59,6 +58,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import describe_machine  # bench/machine.py, beside this script
 from torch import nn
 
 from tokenret.aggregate import AsmkIndex, Codebook, VladEncoder, VladPCA, asmk_similarity, pad_sets
@@ -205,16 +205,6 @@ def exact_vs_float32(
     scores = queries @ db.T
     truth = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     return top_k_overlap(found, index.ids[truth])
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def peak_rss_gb() -> float:
@@ -513,18 +503,7 @@ def run(args) -> dict:
     positives = [np.flatnonzero(all_objects == j % n_objects) for j in range(args.queries)]
     result = {
         "config": {key: (str(v) if isinstance(v, Path) else v) for key, v in vars(args).items()},
-        "machine": {
-            "cpu": cpu_model(),
-            "cpus": os.cpu_count(),
-            "threads": args.threads,
-            "platform": platform.platform(),
-            "python": sys.version.split()[0],
-            "numpy": np.__version__,
-            "torch": torch.__version__,
-            "faiss": getattr(faiss, "__version__", None),
-            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
-            "loadavg_start": os.getloadavg(),
-        },
+        "machine": describe_machine(args.threads),  # after ``import faiss``: records its version
         "data": {
             "n_images": args.n_images,
             "n_desc": args.n_desc,

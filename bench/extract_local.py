@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from extract import synthetic_jpegs  # bench/extract.py, beside this script
+from machine import describe_machine  # bench/machine.py, beside this script
 
 from tokenret.extraction.local_sets import LocalExtractionConfig, extract_local_sets
 from tokenret.models.local import create_local_model
@@ -35,6 +36,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    machine = describe_machine(args.threads, "cpu")
     torch.manual_seed(0)
     model = create_local_model(args.model).eval()
     with tempfile.TemporaryDirectory() as tmp:
@@ -77,6 +79,7 @@ def main() -> None:
             json.dumps(
                 {
                     "args": vars(args),
+                    "machine": machine,
                     "rows": rows,
                     "same_counts": same_counts,
                     "strength_diff": strength_diff,

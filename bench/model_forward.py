@@ -16,6 +16,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from machine import describe_machine  # bench/machine.py, beside this script
 from torch import nn
 
 import tokenret
@@ -86,6 +87,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    machine = describe_machine(args.threads, args.device)
     torch.manual_seed(0)
     model = tokenret.create_model("token_r101").eval().to(args.device)
     for m in model.modules():  # released weights have non-zero attention outputs; fresh ones are exactly 0
@@ -114,7 +116,13 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
-                {"size": args.size, "threads": args.threads, "repeats": args.repeats, "rows": rows},
+                {
+                    "size": args.size,
+                    "threads": args.threads,
+                    "repeats": args.repeats,
+                    "machine": machine,
+                    "rows": rows,
+                },
                 f,
                 indent=2,
             )

@@ -47,10 +47,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
-import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
@@ -59,6 +57,7 @@ from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from machine import cpu_model, describe_machine  # noqa: E402  (bench/machine.py)
 
 from tokenret.collection.facade import ImageIndex  # noqa: E402
 from tokenret.index import ExactIndex  # noqa: E402
@@ -321,17 +320,7 @@ def run(args) -> dict:
     rng = np.random.default_rng(args.seed)
     result: dict[str, Any] = {
         "config": vars(args) | {"json": str(args.json) if args.json else None},
-        "machine": {
-            "cpus": os.cpu_count(),
-            "threads": args.threads,
-            "platform": platform.platform(),
-            "processor": _cpu_name(),
-            "python": sys.version.split()[0],
-            "numpy": np.__version__,
-            "torch": torch.__version__,
-            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
-            "loadavg_1min_start": os.getloadavg()[0],
-        },
+        "machine": {**describe_machine(args.threads), "processor": cpu_model()},  # "processor": as before
         "goals": GOALS,
         "batch": [],
         "search_1m": [],
@@ -349,16 +338,6 @@ def run(args) -> dict:
         shutil.rmtree(folder, ignore_errors=True)
     result["seconds"] = time.perf_counter() - t0
     return result
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def main(argv: list[str] | None = None) -> int:

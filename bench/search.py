@@ -38,7 +38,6 @@ import gc
 import itertools
 import json
 import logging
-import platform
 import resource
 import shutil
 import statistics
@@ -49,6 +48,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import describe_machine  # bench/machine.py, beside this script
 
 from tokenret.index import ExactIndex, FaissIndex, ivf_pq_spec, load_index, nn_recall_at_k, recall_at_k
 from tokenret.index.faiss_index import import_faiss
@@ -214,16 +214,7 @@ def run(args) -> dict:
     n, dim, k = args.n, args.dim, args.k
     result = {
         "config": {key: (str(v) if isinstance(v, Path) else v) for key, v in vars(args).items()},
-        "machine": {
-            "cpus": os.cpu_count(),
-            "threads": args.threads,
-            "platform": platform.platform(),
-            "python": sys.version.split()[0],
-            "numpy": np.__version__,
-            "torch": torch.__version__,
-            "faiss": getattr(faiss, "__version__", None),
-            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
-        },
+        "machine": describe_machine(args.threads),  # after import_faiss(): records its version
         "goals": GOALS,
         "results": [],
     }

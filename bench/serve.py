@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -187,10 +185,14 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
+    from machine import describe_machine  # bench/machine.py, beside this script
 
     import tokenret
     from tokenret.collection import ImageIndex
     from tokenret.extraction import ExtractionConfig
+
+    machine = describe_machine()  # this process's torch threads (the offline rate's)
+    machine["cores"] = machine["cpus"]  # the key of earlier results
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-serve-"))
     if args.images:
@@ -277,12 +279,7 @@ def main() -> None:
         return round(statistics.median(r[key] for r in rounds), 3)
 
     result = {
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-        },  # fmt: skip
+        "machine": machine,
         "model": args.model,
         "max_size": args.max_size,
         "index_images": len(photos),

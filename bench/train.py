@@ -22,13 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import statistics
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from machine import cpu_model, describe_machine  # bench/machine.py, beside this script
 from torch import nn
 
 import tokenret
@@ -165,6 +165,7 @@ def main() -> None:
     args.amp = args.amp or ("bf16" if gpu else "off")
     args.warmup = args.warmup if args.warmup is not None else (5 if gpu else 2)
     torch.set_num_threads(args.threads)
+    machine = describe_machine(args.threads, args.device)
     if gpu:
         torch.backends.cudnn.benchmark = True  # for every variant alike
 
@@ -205,11 +206,7 @@ def main() -> None:
             }
         )
     base = rows[0]["images_per_s"]
-    where = (
-        torch.cuda.get_device_name(args.device)
-        if gpu
-        else f"CPU ({platform.processor() or platform.machine()}), {args.threads} threads"
-    )
+    where = torch.cuda.get_device_name(args.device) if gpu else f"CPU ({cpu_model()}), {args.threads} threads"
     print(
         f"{args.model} training step, {args.batch}x3x{args.size}x{args.size}, {args.classes} classes, "
         f"{where}, median of {args.rounds} rounds of {args.steps} steps"
@@ -237,6 +234,7 @@ def main() -> None:
                     "device": where,
                     "torch": torch.__version__,
                     "tokenret": tokenret.__version__,
+                    "machine": machine,
                     "rows": rows,
                 },
                 f,
