@@ -51,12 +51,12 @@ EXPORTABLE = {
     "delg_r101": {**SMALL, "dim": 64},
     "solar_r101": {**SMALL, "dim": 64},
     "netvlad_r101": {**SMALL, "dim": 64},
+    "rmac_r101": {**SMALL, "dim": 64},
     "superglobal_r50": {"depth": 50, "dim": 256},
     "superglobal_r101": {"depth": 50, "dim": 256, "rgem": False, "gem_plus": False},
 }
 #: Registry models that cannot be exported, and a word of the reason they give.
 REFUSED = {
-    "rmac_r101": ({**SMALL, "dim": 64}, "R-MAC"),
     "token_set_how_r50": ({}, "local descriptors"),
     "token_set_how_r101": ({}, "local descriptors"),
     "token_set_delf_r50": ({}, "local descriptors"),
@@ -142,12 +142,29 @@ def test_models_that_cannot_export_say_why(name, tmp_path):
     assert not (tmp_path / "m.onnx").exists()
 
 
-def test_export_refuses_a_python_value_taken_from_a_tensor(tmp_path, monkeypatch):
-    """Without its refusal, R-MAC's region grid is read from tensors while tracing: refused, with where."""
+def test_export_refuses_a_listed_module(tmp_path, monkeypatch):
+    """A module listed in _REFUSED (none at present) stops the export with its reason and where it is."""
     from tokenret.export import onnx as export_module
+    from tokenret.models.pooling import RMAC
 
-    monkeypatch.setattr(export_module, "_REFUSED", {})
-    model = create_model("rmac_r101", **REFUSED["rmac_r101"][0])
+    monkeypatch.setattr(export_module, "_REFUSED", {RMAC: "R-MAC pooling: the reason"})
+    model = create_model("rmac_r101", **EXPORTABLE["rmac_r101"])
+    with pytest.raises(
+        ExportError, match=r"rmac_r101 cannot be exported: R-MAC pooling: the reason \(module 'pooling'\)"
+    ):
+        export_onnx(model, tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_export_refuses_a_python_value_taken_from_a_tensor(tmp_path, monkeypatch):
+    """Without its traceable replacement, R-MAC's region grid (rmac_regions) is read from tensors while
+    tracing: refused, with where."""
+    from tokenret.export import onnx as export_module
+    from tokenret.models.pooling import RMAC
+
+    replacements = {k: v for k, v in export_module._REPLACEMENTS.items() if k is not RMAC}
+    monkeypatch.setattr(export_module, "_REPLACEMENTS", replacements)
+    model = create_model("rmac_r101", **EXPORTABLE["rmac_r101"])
     with pytest.raises(ExportError, match=r"pooling.py:\d+ turns a tensor into a Python value"):
         export_onnx(model, tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
@@ -202,14 +219,18 @@ def test_deploy_example_reproduces_tokenret_without_tokenret(gem_file, photos):
     _assert_parity(got[None], expected[None], "deploy example")
 
 
-def test_cli_export_and_info(gem_file, tmp_path, capsys):
+def test_cli_export_and_info(gem_file, tmp_path, capsys, monkeypatch):
     _, path = gem_file
     assert main(["info", str(path)]) == 0
     text = capsys.readouterr().out
     assert "gem_r50" in text and "BGR" in text and "longest side 200" in text
     assert main(["info", str(path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == read_onnx_metadata(path)
-    # a model that cannot be exported: one line, exit status 2, no file
+    # a model that cannot be exported (here R-MAC, refused for the test): one line, exit status 2, no file
+    from tokenret.export import onnx as export_module
+    from tokenret.models.pooling import RMAC
+
+    monkeypatch.setattr(export_module, "_REFUSED", {RMAC: "R-MAC pooling: the reason"})
     out = tmp_path / "rmac.onnx"
     assert main(["export", "rmac_r101", "--model-arg", "backbone='resnet18'", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()

@@ -15,7 +15,9 @@ The TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``) is use
 trunks, GeM, the adaptive pooling and the attention of every exportable model with symbolic height and width
 (checked: :func:`export_onnx` runs the file at two other sizes and compares with PyTorch). The few
 operations whose shape arithmetic is Python code are replaced while tracing by equivalents made of tensor
-operations (SuperGlobal's rGeM padding), or refused with the reason (R-MAC's region grid).
+operations: SuperGlobal's rGeM padding, and R-MAC's region grid (the regions of ``rmac_regions``, computed
+in the graph with its rounding, and masked maxima over them), so every registry global model exports; an
+operation that could not be replaced would be refused with the reason (``_REFUSED``).
 
 Example:
     >>> model = tokenret.create_model("token_r101", checkpoint="R101-Token.pth")   # doctest: +SKIP
@@ -40,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tokenret.models.convention import input_convention
-from tokenret.models.pooling import RMAC
+from tokenret.models.pooling import RMAC, l2n
 from tokenret.models.superglobal import RegionalGeM
 from tokenret.models.token import SetTokenModel
 
@@ -135,15 +137,85 @@ class _TraceableRegionalGeM(nn.Module):
         return 0.5 * pooled + 0.5 * x
 
 
+#: ``rmac_regions``' ``steps``: the numbers of region positions it weighs along the longer side.
+_RMAC_STEPS = (2, 3, 4, 5, 6, 7)
+#: The most regions ``rmac_regions`` adds along the longer side of a level (``idx + 1``).
+_RMAC_MAX_EXTRA = len(_RMAC_STEPS)
+
+
+def _rmac_grid(h: Tensor, w: Tensor, levels: int, overlap: float = 0.4) -> list[tuple[Tensor, ...]]:
+    """The regions of :func:`tokenret.models.pooling.rmac_regions` for an ``h`` x ``w`` map given as
+    float32 tensors (shape (1,)), as tensors: per level ``(tops, top_valid, lefts, left_valid, side)``.
+
+    A level has ``level + 6`` candidate starts along each axis (float32, shape (level + 6,)); those with
+    ``*_valid`` false are not regions (their start is 0), and the level's regions are every valid top with
+    every valid left, squares of ``side`` (float32, shape (1,); a level of side 0 has no valid candidate).
+    The arithmetic is that of ``rmac_regions``, in the same precision: float32 where it computes with
+    float32 tensors (the choice of the number of regions, the start offsets), float64 where it computes
+    with Python numbers (the side, its half, the step between starts, rounded to float32 when it multiplies
+    the float32 positions as torch does with a Python float), so the regions are the same for every size.
+    """
+    side, longest = torch.minimum(h, w), torch.maximum(h, w)
+    steps = torch.arange(_RMAC_STEPS[0], _RMAC_STEPS[-1] + 1, dtype=torch.float32, device=h.device)
+    b = torch.reciprocal(steps - 1) * (longest - side)  # Python's number / tensor: Tensor.__rdiv__
+    square = side * side
+    idx = torch.argmin(torch.abs((square - side * b) / square - overlap))  # the first minimum, as argmin
+    extra = (idx + 1).to(torch.float32)
+    zero = torch.zeros_like(h)
+    extra_h, extra_w = torch.where(h > w, extra, zero), torch.where(h < w, extra, zero)
+    side64 = side.to(torch.float64)
+    grid = []
+    for level in range(1, levels + 1):
+        wl = torch.floor(2 * side64 / (level + 1))
+        wl2 = torch.floor(wl / 2 - 1)
+        wl32, wl2_32 = wl.to(torch.float32), wl2.to(torch.float32)
+        candidate = torch.arange(level + _RMAC_MAX_EXTRA, dtype=torch.float32, device=h.device)
+        axes = []
+        for dim, more in ((h, extra_h), (w, extra_w)):
+            n = more + level  # float32, exact
+            step = (dim.to(torch.float64) - wl) / torch.clamp(n.to(torch.float64) - 1, min=1)
+            step = torch.where(n > 1, step.to(torch.float32), torch.zeros_like(n))
+            start = torch.floor(wl2_32 + candidate * step) - wl2_32
+            valid = (candidate < n) & (wl32 > 0)
+            axes += [torch.where(valid, start, torch.zeros_like(start)), valid]
+        grid.append((*axes, wl32))
+    return grid
+
+
+class _TraceableRMAC(nn.Module):
+    """:class:`RMAC` with its region grid (:func:`_rmac_grid`) as tensor operations: the region maxima are
+    masked maxima over every candidate region of a level (along the columns, then the rows), the invalid
+    candidates' L2-normalised vectors replaced by zeros before the sum. The regions and their maxima are
+    exact; only the order of the sum differs from the original's loop."""
+
+    def __init__(self, original: RMAC) -> None:
+        super().__init__()
+        self.levels, self.eps = original.levels, original.eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows, cols = _positions(x[0, 0, :, 0]), _positions(x[0, 0, 0, :])
+        v = l2n(x.amax(dim=(-2, -1)), self.eps)
+        low = torch.full((), float("-inf"), dtype=x.dtype, device=x.device)
+        for tops, top_valid, lefts, left_valid, side in _rmac_grid(rows[-1:] + 1, cols[-1:] + 1, self.levels):
+            side = torch.clamp(side, min=1)  # a level of side 0 has no valid candidate
+            in_col = (cols >= lefts[:, None]) & (cols < lefts[:, None] + side)  # (K, w)
+            in_row = (rows >= tops[:, None]) & (rows < tops[:, None] + side)  # (K, h)
+            col_max = torch.where(in_col, x[..., None, :], low).amax(dim=-1)  # (B, C, h, K lefts)
+            maxima = torch.where(in_row[:, :, None], col_max[:, :, None], low).amax(dim=-2)  # (B, C, K, K)
+            r = l2n(maxima.permute(0, 2, 3, 1), self.eps)  # (B, K tops, K lefts, C)
+            valid = top_valid[:, None, None] & left_valid[None, :, None]
+            v = v + torch.where(valid, r, torch.zeros_like(r)).sum(dim=(1, 2))
+        return v
+
+
 #: Modules replaced by an export-friendly equivalent while tracing.
-_REPLACEMENTS: dict[type[nn.Module], type[nn.Module]] = {RegionalGeM: _TraceableRegionalGeM}
-#: Modules that cannot be exported with dynamic height and width, and why.
-_REFUSED: dict[type[nn.Module], str] = {
-    RMAC: "R-MAC pooling (tokenret.models.pooling.RMAC): the number, positions and sizes of its regions are "
-    "computed in Python from the feature map's height and width, so a graph with dynamic height and width "
-    "cannot hold them (traced at one size, it gives wrong descriptors at every other); extract R-MAC "
-    "descriptors with the torch engine",
+_REPLACEMENTS: dict[type[nn.Module], type[nn.Module]] = {
+    RegionalGeM: _TraceableRegionalGeM,
+    RMAC: _TraceableRMAC,
 }
+#: Modules that cannot be exported with dynamic height and width, and why (none at present: every registry
+#: global model exports; :func:`check_exportable` still refuses any module listed here, naming it).
+_REFUSED: dict[type[nn.Module], str] = {}
 
 
 def check_exportable(model: nn.Module) -> None:
@@ -237,7 +309,7 @@ def export_onnx(
     """Write the single-scale descriptor network of ``model`` to ``path`` as ONNX.
 
     Args:
-        model: a global image model (any registry model but R-MAC and the ``token_set_*`` aggregators).
+        model: a global image model (any registry model but the ``token_set_*`` aggregators).
         path: the ``.onnx`` file (written whole, then renamed into place).
         opset: ONNX opset version.
         check: run the file with ONNX Runtime at two sizes other than the traced one and compare with
