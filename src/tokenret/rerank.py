@@ -318,7 +318,7 @@ def _superglobal_chunk(
 
     x~ = sum_j w_j x_j / sum_j w_j is linear, so q.x~ and q~.x~ are computed as the same weighted means of
     q.x_j and q~.x_j: only the Gram matrix costs M^2 d (the rest is about 1% of the work); the x~ themselves
-    are formed for the K+1 that make q~, as one product of their weight rows with the candidates.
+    are formed only for the K+1 that make q~, from their (K+1)^2 neighbour vectors.
     """
     c, n, d = x.shape
     k1 = min(k + 1, n)
@@ -337,9 +337,9 @@ def _superglobal_chunk(
     s1_sorted = s1.gather(1, order1)
     best = order1[:, :k1]  # RerankwMDA: the K+1 best by s1 ...
     rows = best.unsqueeze(2).expand(c, k1, k1)
-    weights = torch.zeros(c, k1, n, dtype=x.dtype)  # their x~ as weight rows over the M candidates
-    weights.scatter_(2, nb.gather(1, rows), w.gather(1, rows) / den.gather(1, best).unsqueeze(2))
-    q_max = torch.bmm(weights, x).amax(dim=1)  # ... max-pooled into q~
+    best_vecs = x[torch.arange(c).unsqueeze(1), nb.gather(1, rows).view(c, k1 * k1)].view(c * k1, k1, d)
+    best_w = (w.gather(1, rows) / den.gather(1, best).unsqueeze(2)).view(c * k1, 1, k1)
+    q_max = torch.bmm(best_w, best_vecs).view(c, k1, d).amax(dim=1)  # their x~, max-pooled into q~
     s2_sorted = augmented_dot(q_max).gather(1, order1)
     final = (s1_sorted + s2_sorted) / 2
     order2 = torch.sort(final, dim=1, descending=True, stable=True).indices  # ties: earlier by s1
