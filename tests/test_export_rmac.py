@@ -76,8 +76,12 @@ def test_traceable_rmac_is_rmac_at_every_size(sizes):
 @pytest.mark.parametrize("sizes", EVERY_SIZE)
 def test_onnx_rmac_is_rmac_at_every_size(sizes, tmp_path):
     """Exported once (traced at 7x5 maps), the pooling gives RMAC's descriptor at every other size."""
-    pytest.importorskip("onnx", reason="optional dependency onnx")
-    ort = pytest.importorskip("onnxruntime", reason="optional dependency onnxruntime")
+    pytest.importorskip(
+        "onnx", reason="optional dependency onnx (pip install -e .[onnx]; .ci/run installs it)"
+    )
+    ort = pytest.importorskip(
+        "onnxruntime", reason="optional dependency onnxruntime (pip install -e .[onnx]; .ci/run installs it)"
+    )
     original = RMAC()
     path = tmp_path / "rmac.onnx"
     with torch.no_grad(), warnings.catch_warnings():

@@ -271,12 +271,16 @@ class Catalogue:
         self.settings["vector_file"] = name
         return name, rows
 
-    def covered(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(ids, rows, updated) of the searchable images, in row order, read at one moment (one query)."""
-        got = self._snapshot()[1]
+    @staticmethod
+    def _columns(got: list[tuple]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ids, rows, updated) arrays of :meth:`_snapshot`'s records."""
         ids = np.array([g[0] for g in got], dtype=np.int64)
         rows = np.array([g[1] for g in got], dtype=np.int64)
         return ids, rows, np.array([g[2] for g in got], dtype=np.float64)
+
+    def covered(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ids, rows, updated) of the searchable images, in row order, read at one moment (one query)."""
+        return self._columns(self._snapshot()[1])
 
     def snapshot(self) -> tuple[np.memmap | None, np.ndarray, np.ndarray, np.ndarray]:
         """(memory-mapped vector file, ids, rows, updated) of the searchable images, in row order, the rows
@@ -289,9 +293,7 @@ class Catalogue:
             except FileNotFoundError:  # a compaction replaced that file after the read: read again
                 if attempt == SNAPSHOT_TRIES - 1:
                     raise
-        ids = np.array([g[0] for g in got], dtype=np.int64)
-        rows = np.array([g[1] for g in got], dtype=np.int64)
-        return vecs, ids, rows, np.array([g[2] for g in got], dtype=np.float64)
+        return (vecs, *self._columns(got))
 
     def vectors(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(memory-mapped vector file, ids of stored images, their rows in the file)."""
@@ -472,9 +474,9 @@ class Catalogue:
         The rows go to a new file, ``vectors.N.f16``, flushed to disk; then one transaction renumbers the
         images, records the new file's chunks and names it the current file; then the old file is removed.
         Interrupted before the commit, the index is as it was (the new file is a stray, removed by the next
-        write); after it, the index is the compacted one (the old file is the stray).
+        write, and overwritten if this one is written again); after it, the index is the compacted one (the
+        old file is the stray).
         """
-        self.remove_stray_vector_files()
         vecs, ids, rows, _ = self.snapshot()
         old = self.vector_name()
         number = int(old.split(".")[1]) + 1 if old.count(".") == 2 else 1

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tokenret.models.convention import input_convention
-from tokenret.models.pooling import RMAC, l2n
+from tokenret.models.pooling import RMAC, RMAC_STEPS, l2n
 from tokenret.models.superglobal import RegionalGeM
 from tokenret.models.token import SetTokenModel
 
@@ -137,10 +137,8 @@ class _TraceableRegionalGeM(nn.Module):
         return 0.5 * pooled + 0.5 * x
 
 
-#: ``rmac_regions``' ``steps``: the numbers of region positions it weighs along the longer side.
-_RMAC_STEPS = (2, 3, 4, 5, 6, 7)
 #: The most regions ``rmac_regions`` adds along the longer side of a level (``idx + 1``).
-_RMAC_MAX_EXTRA = len(_RMAC_STEPS)
+_RMAC_MAX_EXTRA = len(RMAC_STEPS)
 
 
 def _rmac_grid(h: Tensor, w: Tensor, levels: int, overlap: float = 0.4) -> list[tuple[Tensor, ...]]:
@@ -156,7 +154,8 @@ def _rmac_grid(h: Tensor, w: Tensor, levels: int, overlap: float = 0.4) -> list[
     the float32 positions as torch does with a Python float), so the regions are the same for every size.
     """
     side, longest = torch.minimum(h, w), torch.maximum(h, w)
-    steps = torch.arange(_RMAC_STEPS[0], _RMAC_STEPS[-1] + 1, dtype=torch.float32, device=h.device)
+    # RMAC_STEPS are consecutive: an arange of them (torch.tensor of constants would warn while tracing)
+    steps = torch.arange(RMAC_STEPS[0], RMAC_STEPS[-1] + 1, dtype=torch.float32, device=h.device)
     b = torch.reciprocal(steps - 1) * (longest - side)  # Python's number / tensor: Tensor.__rdiv__
     square = side * side
     idx = torch.argmin(torch.abs((square - side * b) / square - overlap))  # the first minimum, as argmin

@@ -40,6 +40,10 @@ def l2n(x: Tensor, eps: float = 1e-6) -> Tensor:
     return x / (x.norm(p=2, dim=-1, keepdim=True) + eps)
 
 
+#: The numbers of region positions :func:`rmac_regions` weighs along the longer side (R-MAC's rule).
+RMAC_STEPS = (2, 3, 4, 5, 6, 7)
+
+
 def rmac_regions(h: int, w: int, levels: int = 3, overlap: float = 0.4) -> list[tuple[int, int, int]]:
     """R-MAC square regions (top, left, side) on an h x w map, without the global region.
 
@@ -47,7 +51,7 @@ def rmac_regions(h: int, w: int, levels: int = 3, overlap: float = 0.4) -> list[
     rounding of region offsets is identical.
     """
     side = min(h, w)
-    steps = torch.tensor([2, 3, 4, 5, 6, 7], dtype=torch.float32)
+    steps = torch.tensor(RMAC_STEPS, dtype=torch.float32)
     b = (max(h, w) - side) / (steps - 1)
     idx = int(torch.argmin(torch.abs(((side**2 - side * b) / side**2) - overlap)))
     extra_w = idx + 1 if h < w else 0
