@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import shutil
 
 import numpy as np
@@ -373,3 +374,99 @@ def test_no_winograd_flag_reaches_the_extraction_settings_of_evaluate_and_index(
         assert extraction_config_from_args(off).winograd is False
         assert _runtime_from_args(default)["winograd"] is True
         assert _runtime_from_args(off)["winograd"] is False
+
+
+def _superglobal_r50():
+    torch.manual_seed(0)
+    model = tokenret.create_model("superglobal_r50")
+    _randomise_bn(model, seed=3)
+    return model.eval()
+
+
+def _acts(module: nn.Module) -> list[nn.Module]:
+    from tokenret.models.superglobal import ReLUPlus
+
+    return [m for m in module.modules() if isinstance(m, (nn.ReLU, ReLUPlus))]
+
+
+@needs_fusion
+def test_superglobal_blocks_fold_and_fuse_with_their_relu_plus_floors():
+    from tokenret.models.fuse import ConvReLU, FusedResidualBlock, fuse_activations
+    from tokenret.models.superglobal import RELU_PLUS_ALPHA as A
+
+    model = _superglobal_r50()
+    reference = copy.deepcopy(model).double()  # float64, unfolded and unfused: the independent computation
+    folded = fold_batchnorm(model)
+    assert folded.folded_batchnorms == sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 53
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())  # the shortcuts' too
+    fuse_activations(folded, winograd=True)
+    blocks = {
+        stage: [m for m in getattr(folded, stage).modules() if isinstance(m, FusedResidualBlock)]
+        for stage in ("s1", "s2", "s3", "s4")
+    }
+    assert [len(b) for b in blocks.values()] == [3, 4, 6, 3]
+    # ReLU+ inside the s1 blocks and at the outputs of s1..s3; ReLUs elsewhere (the spec's placement)
+    want_floors = {"s1": ([A, A], A), "s2": ([0, 0], A), "s3": ([0, 0], A), "s4": ([0, 0], 0)}
+    for stage, (inner, out) in want_floors.items():
+        assert all(b.floors == inner and b.out_floor == out for b in blocks[stage]), stage
+    assert isinstance(folded.stem.conv, ConvReLU) and folded.stem.conv.floor == 0
+    assert _acts(folded) == []  # every activation went into a convolution
+    x = torch.randn(2, 3, 72, 56)
+    with torch.inference_mode():
+        want = reference(x.double())
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            net = folded.to(memory_format=fmt)
+            for threads in (1, 2):  # one thread: NNPACK's 3x3 where available (clamped at the floor)
+                with _threads(threads):
+                    got = net(x.contiguous(memory_format=fmt))
+                torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+        # the floors are real: s1's output equals the reference's, ReLUs for its clamps give zeros there
+        s1 = folded.s1(folded.stem(x))
+        torch.testing.assert_close(
+            s1.double(), reference.s1(reference.stem(x.double())), rtol=1e-4, atol=1e-5
+        )
+        assert s1.min() == A
+        relu_only = copy.deepcopy(folded)
+        for b in relu_only.modules():
+            if isinstance(b, FusedResidualBlock):
+                b.floors, b.out_floor = [0.0] * len(b.floors), 0.0
+        assert relu_only.s1(relu_only.stem(x)).min() == 0
+
+
+@needs_fusion
+def test_relu_plus_is_left_unfused_where_the_clip_post_op_fails(monkeypatch):
+    from tokenret.models import fuse
+    from tokenret.models.superglobal import ReLUPlus
+
+    model = _superglobal_r50()
+    want = fold_batchnorm(model)
+    monkeypatch.setattr(fuse, "clamp_fusion_available", lambda: False)
+    folded = fold_batchnorm(model)
+    fuse.fuse_activations(folded)
+    # s4's blocks have ReLUs only and fuse; every block with a ReLU+ stays as it was
+    assert [type(b) for b in folded.s4] == [fuse.FusedResidualBlock] * 3
+    assert not any(
+        isinstance(m, fuse.FusedResidualBlock)
+        for s in ("s1", "s2", "s3")
+        for m in getattr(folded, s).modules()
+    )
+    assert sum(isinstance(m, ReLUPlus) for m in folded.modules()) == sum(
+        isinstance(m, ReLUPlus) for m in model.modules()
+    )
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(folded(x), want(x), rtol=1e-4, atol=1e-5)
+
+
+def test_clamp_fusion_is_turned_off_when_the_kernel_fails(monkeypatch):
+    from tokenret.models import fuse
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("eltwise_clip unsupported")
+
+    fuse.clamp_fusion_available.cache_clear()
+    monkeypatch.setattr(fuse, "_conv_act", broken)
+    try:
+        assert fuse.clamp_fusion_available() is False
+    finally:
+        fuse.clamp_fusion_available.cache_clear()

@@ -6,13 +6,15 @@ BatchNorm (ResNet-101 has 104 of them), memory-bound passes that cost real time 
 bench/README.md, "extract"). Descriptors agree with the unfolded model to float32 rounding (relative 1e-6).
 
 Only pairs whose order of execution is certain are folded: consecutive ``Conv2d`` -> ``BatchNorm2d`` in an
-``nn.Sequential``, and ``conv{i}`` -> ``bn{i}`` in torchvision's ResNet blocks. Anything else is left as is.
+``nn.Sequential``, ``conv{i}`` -> ``bn{i}`` in torchvision's ResNet blocks, and ``proj`` -> ``bn`` in the
+pycls blocks of SuperGlobal's trunk. Anything else is left as is.
 
-On CPU, :func:`fuse_activations` goes one step further on a folded copy: each ReLU after a convolution,
-and each residual "add, then ReLU" at the end of a ResNet block, becomes a post-op of the oneDNN
-convolution before it (``torch.ops.mkldnn._convolution_pointwise``, the kernels inductor uses for the same
-fusion), so these feature maps are not read and written once more. Same results (oneDNN applies the
-post-ops to the same accumulators).
+On CPU, :func:`fuse_activations` goes one step further on a folded copy: each ReLU (or SuperGlobal's ReLU+,
+a clamp at a floor) after a convolution, and each residual add at the end of a ResNet block with the
+activation after it, becomes a post-op of the oneDNN convolution before it
+(``torch.ops.mkldnn._convolution_pointwise``, the kernels inductor uses for the same fusion), so these
+feature maps are not read and written once more. Same results (oneDNN applies the post-ops to the same
+accumulators). oneDNN takes a ReLU but no clamp after a fused add: there the clamp follows in place.
 
 With ``winograd=True``, the 3x3 stride-1 convolutions of the fused blocks (ResNet's ``conv2``) go through
 NNPACK's fast-convolution kernels (``torch._nnpack_spatial_convolution``: Winograd-type transforms, fewer
@@ -36,10 +38,14 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import math
 
 import torch
 import torchvision
 from torch import nn
+
+from tokenret.models.superglobal import Bottleneck as PyclsBottleneck
+from tokenret.models.superglobal import ReLUPlus
 
 _RESNET_BLOCKS = (torchvision.models.resnet.BasicBlock, torchvision.models.resnet.Bottleneck)
 log = logging.getLogger(__name__)
@@ -83,6 +89,10 @@ def _fold_in_place(module: nn.Module) -> int:
                 setattr(module, f"conv{i}", fold_conv_bn(conv, bn))
                 setattr(module, f"bn{i}", nn.Identity())
                 count += 1
+    elif type(module) is PyclsBottleneck and module.has_proj:  # shortcut = bn(proj(x)); f is a Sequential
+        if isinstance(module.proj, nn.Conv2d) and type(module.bn) is nn.BatchNorm2d:
+            module.proj, module.bn = fold_conv_bn(module.proj, module.bn), nn.Identity()
+            count += 1
     return count
 
 
@@ -97,10 +107,29 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     return fused
 
 
-def _pointwise(x: torch.Tensor, conv: nn.Conv2d, attr: str) -> torch.Tensor:
+def _pointwise(
+    x: torch.Tensor, conv: nn.Conv2d, attr: str, scalars: list[float] | None = None
+) -> torch.Tensor:
     return torch.ops.mkldnn._convolution_pointwise(
-        x, conv.weight, conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups, attr, [], ""
+        x,
+        conv.weight,
+        conv.bias,
+        conv.padding,
+        conv.stride,
+        conv.dilation,
+        conv.groups,
+        attr,
+        scalars or [],
+        "",
     )
+
+
+def _conv_act(x: torch.Tensor, conv: nn.Conv2d, floor: float) -> torch.Tensor:
+    """``clamp(conv(x), min=floor)`` in one oneDNN call: a ReLU post-op at floor 0, else a clip ("hardtanh")
+    to [floor, inf)."""
+    if floor == 0.0:
+        return _pointwise(x, conv, "relu")
+    return _pointwise(x, conv, "hardtanh", [floor, math.inf])
 
 
 def _pointwise_add_relu(x: torch.Tensor, other: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
@@ -109,6 +138,17 @@ def _pointwise_add_relu(x: torch.Tensor, other: torch.Tensor, conv: nn.Conv2d) -
         x, other, conv.weight, conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups,
         "add", 1.0, "relu", [], "",
     )  # fmt: skip
+
+
+def _pointwise_add_act(x: torch.Tensor, other: torch.Tensor, conv: nn.Conv2d, floor: float) -> torch.Tensor:
+    """``clamp(conv(x) + other, min=floor)``: one oneDNN call at floor 0 (a ReLU); else the add in the call
+    and the clamp in place after it (oneDNN refuses other activations after a fused add)."""
+    if floor == 0.0:
+        return _pointwise_add_relu(x, other, conv)
+    return torch.ops.mkldnn._convolution_pointwise.binary(
+        x, other, conv.weight, conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups,
+        "add", 1.0, None, [], None,
+    ).clamp_(min=floor)  # fmt: skip
 
 
 @functools.cache
@@ -140,6 +180,38 @@ def pointwise_fusion_available() -> bool:
     return ok
 
 
+@functools.cache
+def clamp_fusion_available() -> bool:
+    """Whether oneDNN's clip post-op computes ``clamp(conv(x), min=floor)`` and a fused add without an
+    activation computes ``conv(x) + other`` here (checked once, like :func:`pointwise_fusion_available`;
+    without them ReLU+ layers are left unfused)."""
+    if not pointwise_fusion_available():
+        return False
+    try:
+        g = torch.Generator().manual_seed(1)
+        conv = nn.Conv2d(4, 6, 3, padding=1).eval()
+        with torch.no_grad():
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=g))
+        x = torch.randn(1, 4, 7, 5, generator=g).contiguous(memory_format=torch.channels_last)
+        other = torch.randn(1, 6, 7, 5, generator=g).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            ref = conv.double()(x.double())
+            conv.float()
+            ok = torch.allclose(
+                _conv_act(x, conv, 0.25).double(), ref.clamp(min=0.25), atol=1e-4
+            ) and torch.allclose(
+                _pointwise_add_act(x, other, conv, 0.25).double(),
+                (ref + other.double()).clamp(min=0.25),
+                atol=1e-4,
+            )
+    except Exception as e:  # a build whose oneDNN lacks the clip post-op
+        log.debug("oneDNN clamp fusion unavailable: %s", e)
+        return False
+    if not ok:
+        log.warning("oneDNN's fused clamp disagrees with eager clamp on this machine: ReLU+ left unfused")
+    return ok
+
+
 def _winograd_eligible(conv: nn.Module) -> bool:
     return (
         _is_plain_conv(conv)
@@ -158,8 +230,9 @@ def _nnpack(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     return torch._nnpack_spatial_convolution(x, conv.weight.contiguous(), conv.bias, list(conv.padding))
 
 
-def winograd_conv_relu(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """``relu(conv(x))`` through NNPACK, image by image; the result keeps ``x``'s memory format."""
+def winograd_conv_relu(x: torch.Tensor, conv: nn.Conv2d, floor: float = 0.0) -> torch.Tensor:
+    """``relu(conv(x))`` (``clamp(conv(x), min=floor)`` with a floor) through NNPACK, image by image; the
+    result keeps ``x``'s memory format."""
     n, _, h, w = x.shape
     c = conv.out_channels
     nhwc = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
@@ -170,7 +243,8 @@ def winograd_conv_relu(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
             flat = torch.empty((1, x.shape[1], h, w), dtype=x.dtype)
             flat.view(x.shape[1], h * w).copy_(x[i].permute(1, 2, 0).reshape(h * w, -1).t())
             xi = flat
-        y = _nnpack(xi.contiguous(), conv).relu_()
+        y = _nnpack(xi.contiguous(), conv)
+        y = y.relu_() if floor == 0.0 else y.clamp_(min=floor)
         if nhwc:
             out[i].permute(1, 2, 0).reshape(h * w, c).copy_(y.view(c, h * w).t())
         else:
@@ -210,40 +284,105 @@ def winograd_available() -> bool:
 
 
 class ConvReLU(nn.Module):
-    """``relu(conv(x))`` as one oneDNN convolution (CPU, inference)."""
+    """``relu(conv(x))`` as one oneDNN convolution (CPU, inference); with a ``floor`` (ReLU+),
+    ``clamp(conv(x), min=floor)``."""
 
-    def __init__(self, conv: nn.Conv2d) -> None:
+    def __init__(self, conv: nn.Conv2d, floor: float = 0.0) -> None:
         super().__init__()
-        self.conv = conv
+        self.conv, self.floor = conv, float(floor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _pointwise(x, self.conv, "relu")
+        return _conv_act(x, self.conv, self.floor)
+
+    def extra_repr(self) -> str:
+        return f"floor={self.floor}" if self.floor else ""
 
 
 class FusedResidualBlock(nn.Module):
-    """A folded torchvision BasicBlock/Bottleneck: every convolution carries its ReLU, the last one also
-    the residual add (``relu(conv_last(h) + identity)``) as a oneDNN post-op (CPU, inference). With
-    ``winograd``, the inner 3x3 stride-1 convolutions run through NNPACK when the calling thread has one
-    torch thread (see the module's docstring)."""
+    """A folded residual block, ``act_out(conv_last(h) + shortcut(x))`` with ``h`` the inner convolutions,
+    each followed by its activation: every convolution carries its activation, the last one also the
+    residual add, as oneDNN post-ops (CPU, inference). Activations are ReLUs or clamps at a floor (ReLU+),
+    given as floors (0: ReLU). With ``winograd``, the inner 3x3 stride-1 convolutions run through NNPACK
+    when the calling thread has one torch thread (see the module's docstring).
 
-    def __init__(self, block: nn.Module, winograd: bool = False) -> None:
+    Made by :meth:`from_torchvision` (BasicBlock/Bottleneck) and :meth:`from_pycls` (SuperGlobal's trunk).
+    """
+
+    def __init__(
+        self,
+        convs: list[nn.Conv2d],
+        shortcut: nn.Conv2d | None,
+        floors: list[float],
+        out_floor: float = 0.0,
+        winograd: bool = False,
+    ) -> None:
         super().__init__()
-        convs = [block.conv1, block.conv2] + ([block.conv3] if hasattr(block, "conv3") else [])
+        if len(floors) != len(convs) - 1:
+            raise ValueError("one activation floor per inner convolution")
         self.convs = nn.ModuleList(convs)
-        self.downsample = block.downsample[0] if block.downsample is not None else None
+        self.downsample = shortcut
+        self.floors, self.out_floor = [float(f) for f in floors], float(out_floor)
         self.winograd = [winograd and _winograd_eligible(c) for c in convs[:-1]]
+
+    @classmethod
+    def from_torchvision(cls, block: nn.Module, winograd: bool = False) -> FusedResidualBlock:
+        convs = [block.conv1, block.conv2] + ([block.conv3] if hasattr(block, "conv3") else [])
+        shortcut = block.downsample[0] if block.downsample is not None else None
+        return cls(convs, shortcut, [0.0] * (len(convs) - 1), 0.0, winograd)
+
+    @classmethod
+    def from_pycls(cls, block: PyclsBottleneck, winograd: bool = False) -> FusedResidualBlock:
+        f = block.f
+        floors = [_floor(f.a_relu), _floor(f.b_relu)]
+        shortcut = block.proj if block.has_proj else None
+        return cls([f.a, f.b, f.c], shortcut, floors, _floor(block.relu), winograd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x
         one_thread = any(self.winograd) and torch.get_num_threads() == 1
-        for conv, fast in zip(self.convs[:-1], self.winograd, strict=True):
-            h = winograd_conv_relu(h, conv) if fast and one_thread else _pointwise(h, conv, "relu")
+        for conv, floor, fast in zip(self.convs[:-1], self.floors, self.winograd, strict=True):
+            h = winograd_conv_relu(h, conv, floor) if fast and one_thread else _conv_act(h, conv, floor)
         identity = x if self.downsample is None else _pointwise(x, self.downsample, "none")
-        return _pointwise_add_relu(h, identity, self.convs[-1])
+        return _pointwise_add_act(h, identity, self.convs[-1], self.out_floor)
+
+    def extra_repr(self) -> str:
+        floors = self.floors + [self.out_floor]
+        return f"floors={floors}" if any(floors) else ""
 
 
 def _is_plain_conv(m: nn.Module | None) -> bool:
     return type(m) is nn.Conv2d and m.padding_mode == "zeros" and m.weight.dtype == torch.float32
+
+
+def _floor(act: nn.Module) -> float | None:
+    """The floor of an activation the fused kernels can apply: 0 for a ReLU, alpha for ReLU+ (where the
+    clip post-op works here); None for anything else."""
+    if type(act) is nn.ReLU:
+        return 0.0
+    if type(act) is ReLUPlus and clamp_fusion_available():
+        return act.alpha
+    return None
+
+
+_PYCLS_F = ["a", "a_bn", "a_relu", "b", "b_bn", "b_relu", "c", "c_bn"]
+
+
+def _fusable_pycls_block(block: nn.Module) -> bool:
+    """Exactly SuperGlobal's pycls Bottleneck, folded (``f`` in its own order, BatchNorms now Identity)."""
+    if (
+        type(block) is not PyclsBottleneck
+        or type(block.f) is not nn.Sequential
+        or list(block.f._modules) != _PYCLS_F
+    ):
+        return False
+    f = block.f
+    if not all(_is_plain_conv(f._modules[n]) for n in ("a", "b", "c")):
+        return False
+    if not all(type(f._modules[n]) is nn.Identity for n in ("a_bn", "b_bn", "c_bn")):
+        return False
+    if any(_floor(m) is None for m in (f.a_relu, f.b_relu, block.relu)):
+        return False
+    return not block.has_proj or (_is_plain_conv(block.proj) and type(block.bn) is nn.Identity)
 
 
 def _fusable_block(block: nn.Module) -> bool:
@@ -267,22 +406,22 @@ def _fuse_in_place(module: nn.Module, winograd: bool) -> int:
     count = 0
     for name, child in list(module.named_children()):
         if _fusable_block(child):
-            setattr(module, name, FusedResidualBlock(child, winograd))
+            setattr(module, name, FusedResidualBlock.from_torchvision(child, winograd))
+            count += 1
+        elif _fusable_pycls_block(child):
+            setattr(module, name, FusedResidualBlock.from_pycls(child, winograd))
             count += 1
         else:
             count += _fuse_in_place(child, winograd)
-    if type(module) is nn.Sequential:  # conv -> [folded BatchNorm] -> ReLU, as in a ResNet stem
+    if type(module) is nn.Sequential:  # conv -> [folded BatchNorm] -> ReLU (or ReLU+), as in a ResNet stem
         names = list(module._modules)
         for i, name in enumerate(names):
             j = i + 1
             while j < len(names) and type(module._modules[names[j]]) is nn.Identity:
                 j += 1
-            if (
-                _is_plain_conv(module._modules[name])
-                and j < len(names)
-                and type(module._modules[names[j]]) is nn.ReLU
-            ):
-                module._modules[name] = ConvReLU(module._modules[name])
+            floor = _floor(module._modules[names[j]]) if j < len(names) else None
+            if _is_plain_conv(module._modules[name]) and floor is not None:
+                module._modules[name] = ConvReLU(module._modules[name], floor)
                 module._modules[names[j]] = nn.Identity()
                 count += 1
     return count
