@@ -85,9 +85,9 @@ class ExtractionConfig:
         fold_batchnorm: run an inference copy with BatchNorms folded into the convolutions (same
             descriptors to float rounding; one pass over each feature map less per BatchNorm, see
             ``tokenret.models.fuse``).
-        fuse_activations: on CPU in float32 (amp "off"), also run each ReLU and residual add of the folded
-            copy as a post-op of the oneDNN convolution before it (same results; those feature maps are not
-            read and written once more).
+        fuse_activations: on CPU in float32 (amp "off"), also run each ReLU (SuperGlobal's ReLU+ too) and
+            residual add of the folded copy as a post-op of the oneDNN convolution before it (same results;
+            those feature maps are not read and written once more).
         compile: also ``torch.compile`` the copy's trunk (dynamic shapes, weights frozen into the graph so
             inductor pre-packs them): a one-off compilation, kept for later calls with the same weights,
             that pays off only over many images; needs a C++ compiler (measured: bench/README.md,
