@@ -461,11 +461,15 @@ def test_relu_plus_is_left_unfused_where_the_clip_post_op_fails(monkeypatch):
 def test_clamp_fusion_is_turned_off_when_the_kernel_fails(monkeypatch):
     from tokenret.models import fuse
 
-    def broken(*args, **kwargs):
-        raise RuntimeError("eltwise_clip unsupported")
+    real = fuse._conv_act
+
+    def clip_refused(x, conv, floor):  # the ReLU kernels work, the clip post-op does not
+        if floor:
+            raise RuntimeError("eltwise_clip unsupported")
+        return real(x, conv, floor)
 
     fuse.clamp_fusion_available.cache_clear()
-    monkeypatch.setattr(fuse, "_conv_act", broken)
+    monkeypatch.setattr(fuse, "_conv_act", clip_refused)
     try:
         assert fuse.clamp_fusion_available() is False
     finally:

@@ -151,31 +151,37 @@ def _pointwise_add_act(x: torch.Tensor, other: torch.Tensor, conv: nn.Conv2d, fl
     ).clamp_(min=floor)  # fmt: skip
 
 
+def _fused_kernels_agree(floor: float) -> bool:
+    """``clamp(conv(x), min=floor)`` and ``clamp(conv(x) + other, min=floor)`` by the fused kernels equal a
+    float64 eager reference on a tiny case (floor 0: the ReLU kernels)."""
+    g = torch.Generator().manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, padding=1).eval()
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g))
+    x = torch.randn(1, 4, 7, 5, generator=g).contiguous(memory_format=torch.channels_last)
+    other = torch.randn(1, 6, 7, 5, generator=g).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        ref = conv.double()(x.double())
+        conv.float()
+        return torch.allclose(
+            _conv_act(x, conv, floor).double(), ref.clamp(min=floor), atol=1e-4
+        ) and torch.allclose(
+            _pointwise_add_act(x, other, conv, floor).double(),
+            (ref + other.double()).clamp(min=floor),
+            atol=1e-4,
+        )
+
+
 @functools.cache
 def pointwise_fusion_available() -> bool:
     """Whether this torch build has oneDNN's fused convolutions, and they compute what eager ops compute
     (checked once on a tiny float64-referenced case; any error or mismatch turns the fusion off)."""
     try:
-        if not torch.backends.mkldnn.is_available():
-            return False
-        g = torch.Generator().manual_seed(0)
-        conv = nn.Conv2d(4, 6, 3, padding=1).eval()
-        with torch.no_grad():
-            conv.weight.copy_(torch.randn(conv.weight.shape, generator=g))
-        x = torch.randn(1, 4, 7, 5, generator=g).contiguous(memory_format=torch.channels_last)
-        other = torch.randn(1, 6, 7, 5, generator=g).contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode():
-            ref = conv.double()(x.double())
-            conv.float()
-            ok = torch.allclose(
-                _pointwise(x, conv, "relu").double(), ref.relu(), atol=1e-4
-            ) and torch.allclose(
-                _pointwise_add_relu(x, other, conv).double(), (ref + other.double()).relu(), atol=1e-4
-            )
+        ok = torch.backends.mkldnn.is_available() and _fused_kernels_agree(0.0)
     except Exception as e:  # an op missing from this build, or refused
         log.debug("oneDNN pointwise fusion unavailable: %s", e)
         return False
-    if not ok:
+    if torch.backends.mkldnn.is_available() and not ok:
         log.warning("oneDNN fused convolutions disagree with eager ones on this machine: fusion turned off")
     return ok
 
@@ -188,22 +194,7 @@ def clamp_fusion_available() -> bool:
     if not pointwise_fusion_available():
         return False
     try:
-        g = torch.Generator().manual_seed(1)
-        conv = nn.Conv2d(4, 6, 3, padding=1).eval()
-        with torch.no_grad():
-            conv.weight.copy_(torch.randn(conv.weight.shape, generator=g))
-        x = torch.randn(1, 4, 7, 5, generator=g).contiguous(memory_format=torch.channels_last)
-        other = torch.randn(1, 6, 7, 5, generator=g).contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode():
-            ref = conv.double()(x.double())
-            conv.float()
-            ok = torch.allclose(
-                _conv_act(x, conv, 0.25).double(), ref.clamp(min=0.25), atol=1e-4
-            ) and torch.allclose(
-                _pointwise_add_act(x, other, conv, 0.25).double(),
-                (ref + other.double()).clamp(min=0.25),
-                atol=1e-4,
-            )
+        ok = _fused_kernels_agree(0.25)
     except Exception as e:  # a build whose oneDNN lacks the clip post-op
         log.debug("oneDNN clamp fusion unavailable: %s", e)
         return False
