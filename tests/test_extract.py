@@ -238,6 +238,46 @@ def test_run_streams_shares_the_threads_and_takes_each_item_once():
         torch.set_num_threads(before)
 
 
+def test_a_stream_out_of_items_hands_its_threads_to_the_busy_one():
+    from tokenret.extraction import streams
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = {}
+
+        def fn(item):
+            if item == "long":  # the last item still running when the other stream finds none left
+                seen["start"] = torch.get_num_threads()
+                deadline = time.monotonic() + 20
+                while torch.get_num_threads() < 2 and time.monotonic() < deadline:
+                    streams.use_handed_threads()
+                    time.sleep(0.005)
+                seen["after"] = torch.get_num_threads()
+
+        streams.run_streams(iter(["long", "short"]), fn, streams=2)
+        assert seen == {"start": 1, "after": 2}
+        assert torch.get_num_threads() == 2
+        torch.set_num_threads(1)
+        streams.use_handed_threads()  # outside a stream: nothing
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_each_scale_takes_up_handed_threads(monkeypatch, tiny_token_model):
+    from tokenret.extraction import multiscale
+
+    calls = []
+    model = tiny_token_model().eval()
+    monkeypatch.setattr(multiscale, "use_handed_threads", lambda: calls.append("threads"))
+    real = model.forward
+    monkeypatch.setattr(model, "forward", lambda x: calls.append("forward") or real(x))
+    with torch.inference_mode():
+        multiscale.multiscale_descriptor(model, torch.randn(1, 3, 40, 48), (1.0, 0.75, 0.5), "mean")
+    assert calls == ["threads", "forward"] * 3
+
+
 @pytest.mark.parametrize("error", [ValueError("bad item"), KeyboardInterrupt()])
 def test_run_streams_stops_at_the_first_error_and_raises_it(error):
     done = []

@@ -95,7 +95,8 @@ class ExtractionConfig:
         streams: CPU only: batches run by this many threads at once, torch's threads shared out among them
             (2 streams x 1 thread instead of 1 x 2: each convolution's thread team waits less for the
             slowest thread; same descriptors to float rounding). 0 (default) picks 2 when torch has 2 or
-            more threads, else 1; 1 turns it off. Always 1 on GPU and with ``compile``.
+            more threads, else 1; 1 turns it off. Always 1 on GPU and with ``compile``. A stream that finds
+            no batch left hands its threads to a busy one, which uses them from its next scale on.
         winograd: with ``fuse_activations``, a stream running on one torch thread (the default on a 2-core
             CPU) computes the ResNet blocks' 3x3 stride-1 convolutions with NNPACK's fast kernels (fewer
             multiplies than oneDNN's direct convolution; measured: bench/README.md, "extract"). The

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenret.extraction.streams import use_handed_threads
 from tokenret.models.convention import InputConvention, input_convention, parse_scale_pool
 
 #: Default p of ``gem`` for models without a ``multiscale_power`` (cirtorch's GeM initial p).
@@ -105,6 +106,7 @@ def multiscale_descriptor(
     power = getattr(model, "multiscale_power", None)
     per_scale = []
     for s in scales:
+        use_handed_threads()  # in a CPU stream: threads that finished streams handed on
         x = resize_to_scale(images, s, convention)
         if images.is_contiguous(memory_format=torch.channels_last):
             x = x.contiguous(memory_format=torch.channels_last)

@@ -73,12 +73,52 @@ def dist_info() -> tuple[int, int]:
     return 0, 1
 
 
+class _ThreadShares:
+    """torch threads of each stream of one :func:`run_streams` call. A stream that runs out of items hands
+    its threads to the busy stream that has the fewest, which takes them up at its next
+    :func:`use_handed_threads` (so the last items of a run do not leave threads idle)."""
+
+    def __init__(self, shares: list[int]) -> None:
+        self._threads = list(shares)
+        self._done = [False] * len(shares)
+        self._lock = threading.Lock()
+
+    def threads(self, k: int) -> int:
+        return self._threads[k]
+
+    def finish(self, k: int) -> None:
+        with self._lock:
+            self._done[k] = True
+            busy = [j for j, done in enumerate(self._done) if not done]
+            if busy and self._threads[k]:
+                j = min(busy, key=self._threads.__getitem__)
+                self._threads[j] += self._threads[k]
+                self._threads[k] = 0
+
+
+_stream = threading.local()
+
+
+def use_handed_threads() -> None:
+    """Inside a stream of :func:`run_streams`, run on the torch threads that streams which ran out of items
+    have handed to this one; elsewhere nothing. Called between forward passes (each scale of a batch): a
+    running operation keeps the threads it started with."""
+    state = getattr(_stream, "shares", None)
+    if state is None:
+        return
+    shares, k = state
+    n = shares.threads(k)
+    if n > torch.get_num_threads():
+        torch.set_num_threads(n)
+
+
 def run_streams(items: Iterator, fn: Callable[[Any], None], streams: int) -> None:
     """``fn(item)`` for every item under inference mode, by ``streams`` threads that share torch's threads.
 
-    Each thread takes the next item when it is free; the first exception stops the others (after their
-    current item) and is raised here, as is a KeyboardInterrupt, once every thread has stopped. torch's
-    thread count is restored afterwards."""
+    Each thread takes the next item when it is free; a thread that finds no item left hands its torch
+    threads to a busy one (see :func:`use_handed_threads`). The first exception stops the others (after
+    their current item) and is raised here, as is a KeyboardInterrupt, once every thread has stopped.
+    torch's thread count is restored afterwards."""
     if streams <= 1:
         with torch.inference_mode():
             for item in items:
@@ -88,12 +128,14 @@ def run_streams(items: Iterator, fn: Callable[[Any], None], streams: int) -> Non
     shares = [total // streams + (k < total % streams) for k in range(streams)]
     lock, stop = threading.Lock(), threading.Event()
     errors: list[BaseException] = []
+    handed = _ThreadShares(shares)
 
     def worker(k: int) -> None:
         # torch sets a new thread's OpenMP team from the last process-wide setting on its first parallel op:
         # trigger that first, then give this thread its share (a per-thread setting from then on)
         torch.get_num_threads()
         torch.set_num_threads(max(1, shares[k]))
+        _stream.shares = (handed, k)
         try:
             with torch.inference_mode():
                 while not stop.is_set():
@@ -105,6 +147,9 @@ def run_streams(items: Iterator, fn: Callable[[Any], None], streams: int) -> Non
         except BaseException as e:  # noqa: BLE001 - re-raised by the caller's thread
             errors.append(e)
             stop.set()
+        finally:
+            _stream.shares = None
+            handed.finish(k)
 
     threads = [threading.Thread(target=worker, args=(k,), name=f"tokenret-{k}") for k in range(streams)]
     try:
