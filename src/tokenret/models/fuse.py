@@ -132,23 +132,16 @@ def _conv_act(x: torch.Tensor, conv: nn.Conv2d, floor: float) -> torch.Tensor:
     return _pointwise(x, conv, "hardtanh", [floor, math.inf])
 
 
-def _pointwise_add_relu(x: torch.Tensor, other: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """relu(conv(x) + other) in one oneDNN call."""
-    return torch.ops.mkldnn._convolution_pointwise.binary(
-        x, other, conv.weight, conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups,
-        "add", 1.0, "relu", [], "",
-    )  # fmt: skip
-
-
 def _pointwise_add_act(x: torch.Tensor, other: torch.Tensor, conv: nn.Conv2d, floor: float) -> torch.Tensor:
-    """``clamp(conv(x) + other, min=floor)``: one oneDNN call at floor 0 (a ReLU); else the add in the call
-    and the clamp in place after it (oneDNN refuses other activations after a fused add)."""
-    if floor == 0.0:
-        return _pointwise_add_relu(x, other, conv)
-    return torch.ops.mkldnn._convolution_pointwise.binary(
+    """``clamp(conv(x) + other, min=floor)``: one oneDNN call at floor 0 (the add with a ReLU post-op);
+    else the add in the call and the clamp in place after it (oneDNN refuses other activations after a
+    fused add)."""
+    relu = floor == 0.0
+    out = torch.ops.mkldnn._convolution_pointwise.binary(
         x, other, conv.weight, conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups,
-        "add", 1.0, None, [], None,
-    ).clamp_(min=floor)  # fmt: skip
+        "add", 1.0, "relu" if relu else None, [], "" if relu else None,
+    )  # fmt: skip
+    return out if relu else out.clamp_(min=floor)
 
 
 def _fused_kernels_agree(floor: float) -> bool:
@@ -176,12 +169,14 @@ def _fused_kernels_agree(floor: float) -> bool:
 def pointwise_fusion_available() -> bool:
     """Whether this torch build has oneDNN's fused convolutions, and they compute what eager ops compute
     (checked once on a tiny float64-referenced case; any error or mismatch turns the fusion off)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
     try:
-        ok = torch.backends.mkldnn.is_available() and _fused_kernels_agree(0.0)
+        ok = _fused_kernels_agree(0.0)
     except Exception as e:  # an op missing from this build, or refused
         log.debug("oneDNN pointwise fusion unavailable: %s", e)
         return False
-    if torch.backends.mkldnn.is_available() and not ok:
+    if not ok:
         log.warning("oneDNN fused convolutions disagree with eager ones on this machine: fusion turned off")
     return ok
 
